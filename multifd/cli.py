@@ -1,0 +1,131 @@
+"""What both CLIs share: running a migration under trio and turning its outcome into output
+and an exit code. A user mistake or a failed migration is one line on stderr, never a
+traceback; exit 0 success, 1 migration failed, 2 usage or input error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import traceback
+
+import trio
+
+from .conn import first_error
+from .errors import MultifdError, UsageError
+from .report import Report, human_bytes
+from .settings import Timeouts
+
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?)([bB]?)(?:/s)?\s*$")
+
+
+def parse_rate(text: str) -> float:
+    """'500MB/s', '1GiB/s', '100M', '2500000' -> bytes per second."""
+    m = _RATE.match(text)
+    if not m or (m.group(3) and not m.group(2)):
+        raise argparse.ArgumentTypeError(f"rate {text!r} does not parse (e.g. 500MB/s, 1GiB/s)")
+    number, prefix, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
+    power = " KMGT".index(prefix) if prefix else 0
+    rate = number * ((1024 if binary else 1000) ** power)
+    if rate <= 0:
+        raise argparse.ArgumentTypeError(f"rate {text!r} must be positive")
+    return rate
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that exits 2 with one line, not the whole usage block."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object on stdout instead of the summary")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    d = Timeouts()
+    parser.add_argument("--connect-timeout", type=positive_float, default=d.connect,
+                        metavar="S", help=f"bound on each TCP connect (default {d.connect:g})")
+    parser.add_argument("--handshake-timeout", type=positive_float, default=d.handshake,
+                        metavar="S", help="bound on each hello, and on all channels arriving "
+                        f"(default {d.handshake:g})")
+    parser.add_argument("--idle-timeout", type=positive_float, default=d.idle, metavar="S",
+                        help=f"bound on any single send or receive (default {d.idle:g})")
+
+
+def timeouts_from(args) -> Timeouts:
+    return Timeouts(connect=args.connect_timeout, handshake=args.handshake_timeout,
+                    idle=args.idle_timeout)
+
+
+def progress_printer(label: str, enabled: bool):
+    """A task that redraws one progress line on stderr, or None when stderr is no TTY."""
+    if not enabled or not sys.stderr.isatty():
+        return None
+
+    async def progress(done, total: int) -> None:
+        start = trio.current_time()
+        try:
+            while True:
+                now, value = trio.current_time(), done()
+                rate = value / (now - start) if now > start else 0.0
+                width = 30
+                filled = int(width * value / total) if total else width
+                sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] "
+                                 f"{100 * value / total:5.1f}% {human_bytes(value)} "
+                                 f"{rate / 1e9:.2f} GB/s ")
+                sys.stderr.flush()
+                await trio.sleep(0.2)
+        finally:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+    return progress
+
+
+def run(prog: str, side: str, main, json_mode: bool) -> int:
+    """Run `main` (an async function returning a Report) and report its outcome."""
+    try:
+        report = trio.run(main)
+    except BaseException as exc:  # noqa: B036 - everything ends here, as one line
+        err = first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
+        if isinstance(err, KeyboardInterrupt):
+            code, text = 130, "interrupted"
+        elif isinstance(err, MultifdError):
+            code, text = err.exit_code, str(err)
+        elif isinstance(err, SystemExit):
+            raise
+        else:
+            if os.environ.get("MULTIFD_DEBUG"):
+                traceback.print_exception(exc)
+            code, text = 1, f"internal error: {err!r} (MULTIFD_DEBUG=1 shows a traceback)"
+        print(f"{prog}: {side}: {text}" if side not in text else f"{prog}: {text}",
+              file=sys.stderr, flush=True)
+        if json_mode:
+            print(Report(side, ok=False, error=text).to_json(), flush=True)
+        return code
+    print(report.to_json() if json_mode else report.human(), flush=True)
+    return 0
+
+
+def usage_guard(prog: str, json_mode: bool, side: str, fn):
+    """Run a synchronous check; a UsageError becomes the one-line exit 2."""
+    try:
+        return fn()
+    except UsageError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr, flush=True)
+        if json_mode:
+            print(Report(side, ok=False, error=str(exc)).to_json(), flush=True)
+        raise SystemExit(2) from None

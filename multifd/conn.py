@@ -1,0 +1,166 @@
+"""Established connections: blocking sockets driven from worker threads under trio.
+
+Theory of operation. trio owns creation, synchronization and cleanup; bulk I/O runs in a worker
+thread per channel because blocking socket calls (and, with TLS, OpenSSL) release the GIL and
+use both cores, where trio's own I/O path costs far more CPU per byte.
+
+- A `Conn` exists only once its socket is connected (and, later, its TLS handshake and hello
+  are done). Whoever holds it closes it: `async with conn`.
+- `Conn.run(stage, fn, *args)` runs `fn(*args)` in a thread started with `trio.to_thread`
+  from the calling task. It cannot be abandoned: if the task is cancelled while the thread is
+  blocked, a guard task shuts the socket down, the blocked call fails at once, and the failure
+  is turned back into `trio.Cancelled` so that it is never reported as an error of its own. No
+  thread outlives the `run` call that started it.
+- Every blocking call has the socket's timeout as its bound, so a silent peer raises
+  `PeerTimeout` naming the channel and stage.
+- Foreign exceptions (OSError, TimeoutError) are translated here, once, into our types.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import trio
+
+from . import errors as E
+
+
+def first_error(exc: BaseException) -> BaseException:
+    """The error to report from a (possibly nested) group: the earliest of our own errors,
+    else the first other non-Cancelled one, else a Cancelled."""
+    leaves = list(_leaves(exc))
+    ours = [e for e in leaves if isinstance(e, E.MultifdError)]
+    if ours:
+        return min(ours, key=lambda e: e.seq)
+    others = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+    return others[0] if others else leaves[0]
+
+
+def _leaves(exc: BaseException):
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            yield from _leaves(sub)
+    else:
+        yield exc
+
+
+class collapse_group:
+    """Re-raise a nursery's exception group as its one reportable error.
+
+    Used where a nursery is an implementation detail (a guard task beside a thread): callers
+    see the error, not a group of one.
+    """
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, etype, exc, tb):
+        if isinstance(exc, BaseExceptionGroup):
+            raise first_error(exc)
+        return False
+
+
+# Only one thread may use a Conn at a time: two threads reading one socket would split records
+# between them; `_busy` turns such a bug into an immediate error instead.
+
+
+class Conn:
+    def __init__(self, sock: socket.socket, label: str, *, side: str, timeout: float) -> None:
+        sock.setblocking(True)
+        sock.settimeout(timeout)
+        self.sock = sock
+        self.label = label
+        self.side = side
+        self.timeout = timeout
+        self._busy = False
+        try:
+            self.peer = sock.getpeername()
+        except OSError:
+            self.peer = None
+
+    # --- blocking primitives, called from the worker thread
+
+    def send_all(self, data) -> None:
+        self.sock.sendall(data)
+
+    def recv_exactly(self, view: memoryview, what: str) -> None:
+        recv_into = self.sock.recv_into
+        while view:
+            n = recv_into(view)
+            if n == 0:
+                raise E.PeerClosed(f"connection closed by the peer while waiting for {what}")
+            view = view[n:]
+
+    def recv_bytes(self, size: int, what: str) -> bytes:
+        buf = bytearray(size)
+        self.recv_exactly(memoryview(buf), what)
+        return bytes(buf)
+
+    # --- trio side
+
+    def error(self, exc: BaseException, stage: str) -> E.MultifdError:
+        """Translate a foreign exception raised on this connection into our type."""
+        if isinstance(exc, E.MultifdError):
+            exc.side = exc.side or self.side
+            exc.channel = exc.channel or self.label
+            exc.stage = exc.stage or stage
+            return exc
+        if isinstance(exc, TimeoutError):
+            return E.PeerTimeout(f"peer silent for {self.timeout:g}s", side=self.side,
+                                 channel=self.label, stage=stage)
+        if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+            return E.PeerClosed(f"connection lost ({exc.strerror or exc})", side=self.side,
+                                channel=self.label, stage=stage)
+        return E.TransportError(f"{exc.strerror or exc}" if isinstance(exc, OSError) else repr(exc),
+                                side=self.side, channel=self.label, stage=stage)
+
+    async def run(self, stage: str, fn, *args):
+        """Run fn(*args) in a worker thread; cancellation shuts the socket down."""
+        if self._busy:
+            raise E.LocalProtocolError(f"{self.label}: two operations at once on one connection")
+        self._busy = True
+        interrupted = False
+        finished = False
+
+        async def guard() -> None:
+            nonlocal interrupted
+            try:
+                await trio.sleep_forever()
+            finally:
+                if not finished:
+                    interrupted = True
+                    self.shutdown()
+
+        try:
+            with collapse_group():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(guard)
+                    try:
+                        return await trio.to_thread.run_sync(
+                            fn, *args, limiter=trio.CapacityLimiter(1))
+                    except Exception as exc:
+                        if interrupted:
+                            # The failure is the shutdown we caused: report the cancellation.
+                            await trio.lowlevel.checkpoint()
+                        raise self.error(exc, stage) from (
+                            None if isinstance(exc, E.MultifdError) else exc)
+                    finally:
+                        finished = True
+                        nursery.cancel_scope.cancel()
+        finally:
+            self._busy = False
+
+    def shutdown(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+    async def __aenter__(self) -> "Conn":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.close()

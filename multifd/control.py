@@ -1,0 +1,86 @@
+"""The control channel: one message at a time, half duplex, and the error path.
+
+The control channel is never read and written at the same time: the sender speaks (SESSION,
+COMPLETE) and then waits for one answer (READY, DONE). While data flows nobody touches it, so
+when something fails either side can still use it to say why, and the other side can read that
+explanation once its data channels have broken.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from . import errors as E
+from . import wire
+from .conn import Conn
+
+EXPLAIN_GRACE = 2.0  # how long a side waits for its peer's reason after a broken channel
+
+
+def _recv_message(conn: Conn) -> wire.ControlMessage:
+    decoder = wire.ControlDecoder()
+    while (msg := decoder.next_message()) is None:
+        decoder.feed(conn.recv_bytes(decoder.bytes_needed(), "a control message"))
+    return msg
+
+
+async def send(conn: Conn, stage: str, msg: wire.ControlMessage) -> None:
+    await conn.run(stage, conn.send_all, wire.encode_control(msg))
+
+
+async def receive(conn: Conn, stage: str, expected: type, peer: str):
+    """The next message, which must be `expected`; a peer's ERROR becomes PeerError."""
+    msg = await conn.run(stage, _recv_message, conn)
+    if isinstance(msg, wire.ErrorMessage):
+        raise E.PeerError(f"{peer} failed: {msg.text}", side=conn.side, stage=stage)
+    if not isinstance(msg, expected):
+        raise E.RemoteProtocolError(
+            f"got {type(msg).__name__} (expected {expected.__name__})", side=conn.side,
+            channel=conn.label, stage=stage)
+    return msg
+
+
+def error_code(err: BaseException) -> wire.ErrorCode:
+    for cls, code in ((E.ProtocolError, wire.ErrorCode.PROTOCOL),
+                      (E.VerificationError, wire.ErrorCode.VERIFY),
+                      (E.ImageError, wire.ErrorCode.IMAGE),
+                      (E.PeerTimeout, wire.ErrorCode.TIMEOUT),
+                      (trio.Cancelled, wire.ErrorCode.CANCELLED),
+                      (KeyboardInterrupt, wire.ErrorCode.CANCELLED)):
+        if isinstance(err, cls):
+            return code
+    return wire.ErrorCode.FAILED
+
+
+async def conclude_failure(conn: Conn | None, err: BaseException, peer: str) -> BaseException:
+    """Exchange reasons with the peer after a failure; return the error to report.
+
+    If our error only says the peer went away, the peer's own explanation (if it sent one in
+    time) is the better report. Otherwise we send ours, so the peer can say why. Runs shielded
+    and bounded: it is cleanup, and cleanup must neither hang nor be cut short by the
+    cancellation that brought us here.
+    """
+    if conn is None or isinstance(err, E.PeerError):
+        return err
+    with trio.CancelScope(shield=True):
+        if isinstance(err, E.TransportError):
+            # A socket timeout, not a cancel scope, bounds this read: cancelling would shut the
+            # socket down, and we may still need it to send our own reason.
+            conn.sock.settimeout(EXPLAIN_GRACE)
+            with trio.move_on_after(2 * EXPLAIN_GRACE):
+                try:
+                    msg = await conn.run("explain", _recv_message, conn)
+                except (E.MultifdError, OSError):
+                    msg = None
+                if isinstance(msg, wire.ErrorMessage):
+                    explained = E.PeerError(f"{peer} failed: {msg.text}", side=conn.side)
+                    explained.__cause__ = err
+                    return explained
+        with trio.move_on_after(EXPLAIN_GRACE):
+            text = str(err) if isinstance(err, E.MultifdError) else "cancelled"
+            try:
+                await conn.run("explain", conn.send_all,
+                               wire.encode_control(wire.ErrorMessage(error_code(err), text)))
+            except (E.MultifdError, OSError):
+                pass
+    return err

@@ -1,0 +1,112 @@
+"""Typed errors. Every failure the user sees is one of these, rendered as one line.
+
+`seq` orders errors by the moment they were created: when several tasks fail during one
+cancellation, the earliest error is the cause and the others are consequences.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+_order = itertools.count()
+
+
+class MultifdError(Exception):
+    """Base of every error this package raises on purpose."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, side: str | None = None, channel: str | None = None,
+                 stage: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.side = side
+        self.channel = channel
+        self.stage = stage
+        self.seq = next(_order)
+
+    def where(self) -> str:
+        parts = [p for p in (self.channel, self.stage) if p]
+        return ", ".join(parts)
+
+    def __str__(self) -> str:
+        where = self.where()
+        return f"{where}: {self.message}" if where else self.message
+
+
+class UsageError(MultifdError):
+    """The user asked for something impossible: bad flag, bad file, bad address."""
+
+    exit_code = 2
+
+
+class ProtocolError(MultifdError):
+    """Bytes on the wire that break the protocol."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We were about to send something invalid: a bug on this side."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something invalid."""
+
+
+class BadMagic(RemoteProtocolError):
+    pass
+
+
+class BadVersion(RemoteProtocolError):
+    pass
+
+
+class UnknownSession(RemoteProtocolError):
+    pass
+
+
+class BadChannelId(RemoteProtocolError):
+    pass
+
+
+class DuplicateChannel(RemoteProtocolError):
+    pass
+
+
+class LimitExceeded(RemoteProtocolError):
+    pass
+
+
+class OutOfRange(RemoteProtocolError):
+    pass
+
+
+class Misaligned(RemoteProtocolError):
+    pass
+
+
+class ChecksumMismatch(RemoteProtocolError):
+    pass
+
+
+class TransportError(MultifdError):
+    """A connection failed: refused, reset, closed early, timed out."""
+
+
+class PeerClosed(TransportError):
+    """The peer went away without an explanation on this channel."""
+
+
+class PeerTimeout(TransportError):
+    """The peer stayed silent past a deadline."""
+
+
+class PeerError(MultifdError):
+    """The peer reported a failure of its own through the control channel."""
+
+
+class VerificationError(MultifdError):
+    """The received image does not match what the sender announced."""
+
+
+class ImageError(MultifdError):
+    """Reading the source image or writing the output failed."""

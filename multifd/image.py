@@ -1,0 +1,129 @@
+"""The source image and the output file.
+
+The output is written into a temporary file beside the target and renamed into place only
+after verification, so a failed migration never leaves a file under the final name.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+
+from .errors import ImageError, UsageError
+
+
+class SourceImage:
+    """A read-only image file; positioned reads from any thread."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise UsageError(f"cannot open image {path}: {exc.strerror}") from None
+        try:
+            st = os.fstat(self.fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise UsageError(f"image {path} is a directory")
+            self.size = st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(self.fd, 0, 2)
+            if self.size == 0:
+                raise UsageError(f"image {path} is empty: nothing to migrate")
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def read_into(self, view: memoryview, offset: int) -> None:
+        """Fill `view` from `offset`; the image must not shrink underneath us."""
+        while view:
+            try:
+                n = os.preadv(self.fd, [view], offset)
+            except OSError as exc:
+                raise ImageError(f"reading {self.path} at {offset}: {exc.strerror}") from None
+            if n == 0:
+                raise ImageError(f"{self.path} shrank while being read (offset {offset})")
+            view = view[n:]
+            offset += n
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> "SourceImage":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def check_output_path(path: str) -> None:
+    """Fail early, before any network wait, if OUTPUT can never be written."""
+    if os.path.isdir(path):
+        raise UsageError(f"output {path} is a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"output directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"output directory {parent} is not writable")
+
+
+class OutputFile:
+    """A temporary file beside `path`, renamed over `path` by commit(), removed otherwise.
+
+    Positioned writes from any thread. The file is created sparse at the image's final size:
+    zero pages are never written and stay holes.
+    """
+
+    def __init__(self, path: str, size: int) -> None:
+        check_output_path(path)
+        self.path = path
+        self.size = size
+        directory, name = os.path.split(os.path.abspath(path))
+        try:
+            self.fd, self.tmp_path = tempfile.mkstemp(prefix=f".{name}.", suffix=".part",
+                                                      dir=directory)
+        except OSError as exc:
+            raise UsageError(f"cannot create a file in {directory}: {exc.strerror}") from None
+        self._committed = False
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as exc:
+            self.discard()
+            raise ImageError(f"cannot size {self.tmp_path} to {size} bytes: {exc.strerror}")
+
+    def write(self, view: memoryview, offset: int) -> None:
+        while view:
+            try:
+                n = os.pwrite(self.fd, view, offset)
+            except OSError as exc:
+                raise ImageError(f"writing {self.tmp_path}: {exc.strerror}") from None
+            view = view[n:]
+            offset += n
+
+    def commit(self) -> None:
+        try:
+            os.fsync(self.fd)
+            os.rename(self.tmp_path, self.path)
+            self._committed = True
+            dirfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+            try:
+                os.fsync(dirfd)
+            finally:
+                os.close(dirfd)
+        except OSError as exc:
+            raise ImageError(f"committing {self.path}: {exc.strerror}") from None
+
+    def discard(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if not self._committed:
+            try:
+                os.unlink(self.tmp_path)
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> "OutputFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.discard()

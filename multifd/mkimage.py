@@ -1,0 +1,88 @@
+"""multifd-mkimage PATH --size SIZE [--kind random|zero|mixed] [--seed N]
+
+Seeded, reproducible test images. The image is generated in fixed 1 MiB chunks, each from its
+own generator seeded by (seed, chunk index), so the bytes do not depend on how it is written.
+'mixed' alternates runs of zero pages and random pages (1..64 pages each).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+from . import cli
+
+CHUNK = 1 << 20
+KINDS = ("random", "zero", "mixed")
+
+
+def parse_size(text: str) -> int:
+    """'1G', '512MiB', '4096', '1.5GB' -> bytes (K/M/G/T are powers of 1024 unless 'B'
+    follows a decimal prefix without 'i': 1GB = 10**9)."""
+    m = cli._RATE.match(text)
+    if not m or text.strip().endswith("/s"):
+        raise cli.argparse.ArgumentTypeError(f"size {text!r} does not parse (e.g. 1G, 64MiB)")
+    number, prefix, binary, unit_b = float(m.group(1)), m.group(2).upper(), m.group(3), m.group(4)
+    power = " KMGT".index(prefix) if prefix else 0
+    base = 1000 if (unit_b and not binary and prefix) else 1024
+    size = int(number * base ** power)
+    if size < 0:
+        raise cli.argparse.ArgumentTypeError(f"size {text!r} is negative")
+    return size
+
+
+def chunk_bytes(kind: str, seed: int, index: int, length: int, page_size: int) -> bytes:
+    if kind == "zero":
+        return bytes(length)
+    rng = np.random.default_rng([seed, index])
+    data = np.frombuffer(bytearray(rng.bytes(length)), dtype=np.uint8)
+    if kind == "mixed":
+        pages = -(-length // page_size)
+        run_lengths = rng.integers(1, 65, size=pages)
+        starts = np.cumsum(run_lengths) - run_lengths
+        is_zero_run = (np.arange(len(run_lengths)) + index) % 2 == 0
+        page_zero = np.repeat(is_zero_run, run_lengths)[:pages]
+        mask = np.repeat(page_zero, page_size)[:length]
+        data[mask] = 0
+        del starts
+    return data.tobytes()
+
+
+def write_image(path: str, size: int, kind: str = "random", seed: int = 0,
+                page_size: int = 4096) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            for index, offset in enumerate(range(0, size, CHUNK)):
+                length = min(CHUNK, size - offset)
+                if kind == "zero":
+                    f.seek(length, os.SEEK_CUR)
+                else:
+                    f.write(chunk_bytes(kind, seed, index, length, page_size))
+            f.truncate(size)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = cli.Parser(prog="multifd-mkimage", description="Write a seeded, reproducible test image.")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--size", type=parse_size, required=True, help="e.g. 1G, 64MiB, 4096")
+    p.add_argument("--kind", choices=KINDS, default="random")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        write_image(args.path, args.size, args.kind, args.seed)
+    except OSError as exc:
+        print(f"multifd-mkimage: cannot write {args.path}: {exc.strerror}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,155 @@
+"""The receiving side of one migration.
+
+Theory of operation:
+1. open_registry() accepts connections in the background for the whole migration, so strangers
+   arriving mid-transfer are greeted and dropped without disturbing it.
+2. wait_for_channels(): the first valid control hello names the session; then every data
+   channel must arrive within the handshake timeout.
+3. SESSION is checked, the temporary output is created, READY is sent.
+4. One task per data channel receives packets in its worker thread, one hop per round; at each
+   SYNC the task waits at the RoundBarrier until every channel has finished that round, so no
+   packet of round r+1 is applied while another channel may still deliver round r.
+5. After every channel's END: COMPLETE is read, the counts and the digest are compared, the
+   file is fsynced and renamed into place, and DONE is sent.
+"""
+
+from __future__ import annotations
+
+import errno
+from contextlib import nullcontext
+
+import trio
+
+from . import control
+from . import errors as E
+from . import wire
+from .conn import first_error
+from .digest import DigestSum
+from .image import OutputFile
+from .pump import BlockReceiver, Counters
+from .registry import open_registry, wait_for_channels
+from .report import Report
+from .settings import Timeouts
+
+SIDE = "receiver"
+
+
+async def open_listeners(host: str, port: int) -> list[trio.SocketListener]:
+    try:
+        return await trio.open_tcp_listeners(port, host=host, backlog=1024)
+    except OSError as exc:
+        if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+            raise E.UsageError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        raise E.UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+class RoundBarrier:
+    """Releases round r on every channel only once all N channels have delivered its SYNC.
+
+    Used only from trio tasks; the waits are bounded by the caller.
+    """
+
+    def __init__(self, channels: int) -> None:
+        self.channels = channels
+        self._arrived: dict[int, int] = {}
+        self._released: dict[int, trio.Event] = {}
+
+    async def sync(self, round: int) -> None:
+        event = self._released.setdefault(round, trio.Event())
+        self._arrived[round] = self._arrived.get(round, 0) + 1
+        if self._arrived[round] == self.channels:
+            event.set()
+            del self._arrived[round]
+        await event.wait()
+
+    def released(self, round: int) -> bool:
+        return round in self._released and self._released[round].is_set()
+
+
+async def _receive_channel(receiver: BlockReceiver, barrier: RoundBarrier,
+                           timeouts: Timeouts) -> int:
+    """Run one data channel to its END; return the number of rounds it carried."""
+    conn = receiver.conn
+    round = 0
+    while True:
+        marker = await conn.run("data", receiver.receive_round, round)
+        if marker.kind is wire.PacketKind.END:
+            return round
+        with trio.move_on_after(timeouts.idle):
+            await barrier.sync(round)
+        if not barrier.released(round):
+            raise E.PeerTimeout(f"other channels did not finish round {round} within "
+                                f"{timeouts.idle:g}s", side=SIDE, channel=conn.label,
+                                stage="sync")
+        round += 1
+
+
+def _verify(session: wire.Session, complete: wire.Complete, counters: Counters,
+            total: DigestSum, rounds: set[int]) -> None:
+    def fail(message: str) -> None:
+        raise E.VerificationError(message, side=SIDE, stage="verify")
+
+    if rounds != {complete.rounds}:
+        fail(f"channels ended after rounds {sorted(rounds)} (sender says {complete.rounds})")
+    if counters.blocks != session.nblocks:
+        fail(f"received {counters.blocks} of {session.nblocks} blocks")
+    if counters.packets != complete.packets:
+        fail(f"received {counters.packets} packets (sender sent {complete.packets})")
+    if total.digest() != complete.digest:
+        fail(f"image digest {total.hexdigest()} (sender announced {complete.digest.hex()})")
+
+
+async def _migrate(registry, output_path: str | None, timeouts: Timeouts,
+                   on_progress) -> Report:
+    ctl = registry.control
+    started = trio.current_time()
+    session = await control.receive(ctl, "setup", wire.Session, "sender")
+    output = OutputFile(output_path, session.image_size) if output_path else None
+    with output if output is not None else nullcontext():
+        receivers = [BlockReceiver(registry.data[i], session, output)
+                     for i in range(registry.channels)]
+        await control.send(ctl, "setup", wire.Ready())
+        barrier = RoundBarrier(len(receivers))
+        rounds: set[int] = set()
+
+        async def run_channel(receiver: BlockReceiver) -> None:
+            rounds.add(await _receive_channel(receiver, barrier, timeouts))
+
+        async with trio.open_nursery() as nursery:
+            if on_progress is not None:
+                nursery.start_soon(on_progress, lambda: sum(
+                    r.counters.image_bytes for r in receivers), session.image_size)
+            async with trio.open_nursery() as channels:
+                for receiver in receivers:
+                    channels.start_soon(run_channel, receiver)
+            nursery.cancel_scope.cancel()
+        complete = await control.receive(ctl, "finish", wire.Complete, "sender")
+        total, counters = DigestSum(), Counters()
+        for r in receivers:
+            total.merge(r.sum)
+            counters.merge(r.counters)
+        _verify(session, complete, counters, total, rounds)
+        if output is not None:
+            await trio.to_thread.run_sync(output.commit)
+        await control.send(ctl, "finish", wire.Done(session.image_size, total.digest()))
+    return Report(SIDE, ok=True, bytes=session.image_size, payload_bytes=counters.payload_bytes,
+                  pages=counters.pages, zero_pages=counters.zero_pages,
+                  packets=counters.packets, channels=registry.channels,
+                  seconds=trio.current_time() - started, digest=total.hexdigest(),
+                  output=output_path)
+
+
+async def receive_image(listeners: list[trio.SocketListener], output_path: str | None, *,
+                        timeouts: Timeouts = Timeouts(), log=print,
+                        on_progress=None) -> Report:
+    """Accept exactly one migration and write it to output_path (None: verify and discard)."""
+    async with open_registry(listeners, timeouts, log) as registry:
+        try:
+            await wait_for_channels(registry, timeouts)
+            return await _migrate(registry, output_path, timeouts, on_progress)
+        except BaseException as exc:
+            err = first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
+            reported = await control.conclude_failure(registry.control, err, "sender")
+            if reported is exc:
+                raise
+            raise reported from None

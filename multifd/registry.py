@@ -1,0 +1,179 @@
+"""The receiver's front door: accept connections, read hellos, sort out the migration's channels.
+
+Theory of operation. Every accepted connection gets a greeter task (at most MAX_PENDING at
+once; more are closed on arrival). The greeter reads the hello under the handshake timeout and
+asks the Registry for a slot. Channels are identified by their hello, never by arrival order:
+a data channel that arrives before the control channel waits (bounded) until the control
+channel has named the session. Anything that fails its hello is a stranger: it gets a reply
+saying why when it spoke our protocol, is closed, and is logged; the migration goes on.
+
+The Registry is plain state used only from trio tasks in one thread, so its check-and-claim in
+claim() cannot interleave with another greeter's (there is no await inside it). It owns every
+connection handed to it and closes them all when the receiver leaves `open_registry`.
+"""
+
+from __future__ import annotations
+
+import socket
+from contextlib import asynccontextmanager
+
+import trio
+
+from . import errors as E
+from . import wire
+from .address import format_address
+from .conn import Conn
+from .settings import Timeouts
+
+MAX_PENDING = 64  # connections still in their hello at once
+SIDE = "receiver"
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.session_id: bytes | None = None
+        self.channels = 0
+        self.control: Conn | None = None
+        self.data: dict[int, Conn] = {}
+        self._claimed: set[object] = set()
+        self.session_known = trio.Event()
+        self.complete = trio.Event()
+
+    @staticmethod
+    def _key(hello: wire.Hello) -> object:
+        return "control" if hello.role is wire.Role.CONTROL else hello.channel
+
+    def claim(self, hello: wire.Hello) -> wire.HelloStatus:
+        S = wire.HelloStatus
+        if hello.role is wire.Role.CONTROL:
+            if self.session_id is not None:
+                return S.BUSY
+            self.session_id, self.channels = hello.session, hello.channels
+            self.session_known.set()
+        elif hello.session != self.session_id:
+            return S.UNKNOWN_SESSION
+        elif hello.channels != self.channels:
+            return S.BAD_CHANNEL
+        elif hello.channel in self._claimed:
+            return S.DUPLICATE_CHANNEL
+        self._claimed.add(self._key(hello))
+        return S.OK
+
+    def release(self, hello: wire.Hello) -> None:
+        self._claimed.discard(self._key(hello))
+
+    def fill(self, hello: wire.Hello, conn: Conn) -> None:
+        if hello.role is wire.Role.CONTROL:
+            self.control = conn
+        else:
+            self.data[hello.channel] = conn
+        if self.control is not None and len(self.data) == self.channels:
+            self.complete.set()
+
+    def missing(self) -> list[int]:
+        return [i for i in range(self.channels) if i not in self.data]
+
+    def close_all(self) -> None:
+        for conn in [self.control, *self.data.values()]:
+            if conn is not None:
+                conn.close()
+
+
+def _read_hello(conn: Conn) -> wire.Hello:
+    data = conn.recv_bytes(wire.HELLO.size, "a hello")
+    try:
+        return wire.decode_hello(data)
+    except E.BadVersion:
+        conn.send_all(wire.encode_hello_reply(wire.HelloStatus.BAD_VERSION))
+        raise
+    except E.BadMagic:
+        raise  # not our protocol: say nothing to it
+    except E.BadChannelId:
+        conn.send_all(wire.encode_hello_reply(wire.HelloStatus.BAD_CHANNEL))
+        raise
+    except E.ProtocolError:
+        conn.send_all(wire.encode_hello_reply(wire.HelloStatus.BAD_HELLO))
+        raise
+
+
+async def _greet(sock: socket.socket, registry: Registry, timeouts: Timeouts, log) -> None:
+    conn = Conn(sock, "connection", side=SIDE, timeout=timeouts.handshake)
+    where = format_address(*conn.peer[:2]) if conn.peer else "unknown peer"
+    handed_over = False
+    try:
+        hello = await conn.run("hello", _read_hello, conn)
+        conn.label = hello.label()
+        if hello.role is wire.Role.DATA and not registry.session_known.is_set():
+            with trio.move_on_after(timeouts.handshake):
+                await registry.session_known.wait()
+            if not registry.session_known.is_set():
+                raise E.PeerTimeout(f"no control channel arrived within "
+                                    f"{timeouts.handshake:g}s", stage="hello")
+        status = registry.claim(hello)
+        try:
+            await conn.run("hello", conn.send_all, wire.encode_hello_reply(status))
+        except BaseException:
+            if status is wire.HelloStatus.OK:
+                registry.release(hello)
+            raise
+        if status is not wire.HelloStatus.OK:
+            raise E.RemoteProtocolError(wire.HELLO_STATUS_TEXT[status], stage="hello")
+        conn.sock.settimeout(timeouts.idle)
+        registry.fill(hello, conn)
+        handed_over = True
+    except E.MultifdError as exc:
+        log(f"dropped {conn.label} from {where}: {exc.stage or 'hello'}: {exc.message}")
+    finally:
+        if not handed_over:
+            conn.close()
+
+
+async def _accept_loop(listener: trio.SocketListener, registry: Registry, timeouts: Timeouts,
+                       log, nursery: trio.Nursery) -> None:
+    pending = trio.CapacityLimiter(MAX_PENDING)
+    while True:
+        stream = await listener.accept()
+        sock = socket.socket(fileno=stream.socket.detach())
+        try:
+            pending.acquire_on_behalf_of_nowait(sock)
+        except trio.WouldBlock:
+            log(f"dropped a connection: {MAX_PENDING} connections already waiting for a hello")
+            sock.close()
+            continue
+        nursery.start_soon(_greet_within, pending, sock, registry, timeouts, log)
+
+
+async def _greet_within(pending: trio.CapacityLimiter, sock, registry, timeouts, log) -> None:
+    try:
+        await _greet(sock, registry, timeouts, log)
+    finally:
+        pending.release_on_behalf_of(sock)
+
+
+@asynccontextmanager
+async def open_registry(listeners: list[trio.SocketListener], timeouts: Timeouts, log):
+    """Serve the listeners in the background; yield the Registry; stop and close on exit."""
+    registry = Registry()
+    try:
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(_accept_loop, listener, registry, timeouts, log, nursery)
+            yield registry
+            nursery.cancel_scope.cancel()
+    finally:
+        registry.close_all()
+
+
+async def wait_for_channels(registry: Registry, timeouts: Timeouts) -> None:
+    """Wait for a migration to begin (unbounded), then for all its channels (bounded)."""
+    await registry.session_known.wait()
+    with trio.move_on_after(timeouts.handshake):
+        await registry.complete.wait()
+    if not registry.complete.is_set():
+        missing = registry.missing()
+        what = "the control channel" if registry.control is None else (
+            "data channel" + ("s " if len(missing) > 1 else " ")
+            + ", ".join(map(str, missing)))
+        raise E.PeerTimeout(f"{what} did not arrive within {timeouts.handshake:g}s "
+                            f"({len(registry.data)} of {registry.channels} data channels "
+                            f"connected)", side=SIDE, stage="setup")

@@ -1,0 +1,53 @@
+"""What a finished (or failed) migration reports: a human summary or one JSON object."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Report:
+    side: str
+    ok: bool = False
+    bytes: int = 0  # image size
+    payload_bytes: int = 0  # page data on the wire (zero pages excluded)
+    pages: int = 0
+    zero_pages: int = 0
+    packets: int = 0
+    channels: int = 0
+    seconds: float = 0.0
+    digest: str | None = None
+    output: str | None = None
+    error: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def throughput(self) -> float:
+        return self.bytes / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data.update(data.pop("extra"))
+        data["throughput"] = round(self.throughput)
+        data["seconds"] = round(self.seconds, 6)
+        return json.dumps(data, sort_keys=True)
+
+    def human(self) -> str:
+        head = (f"{self.side}: {'ok' if self.ok else 'FAILED'}, {human_bytes(self.bytes)} "
+                f"({self.pages} pages, {self.zero_pages} zero) over {self.channels} channels "
+                f"in {self.seconds:.2f} s, {self.throughput / 1e9:.2f} GB/s")
+        lines = [head]
+        if self.digest:
+            lines.append(f"  digest xxh3-128-sum:{self.digest}")
+        if self.output:
+            lines.append(f"  output {self.output}")
+        return "\n".join(lines)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError

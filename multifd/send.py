@@ -1,0 +1,175 @@
+"""The sending side of one migration.
+
+Theory of operation:
+1. open_sender_channels() dials the control channel and all N data channels concurrently in one
+   nursery. Each attempt is connect -> hello -> hello accepted; only then does its Conn join the
+   close-on-exit set. The function yields only when every channel is established; the first
+   failure cancels the other attempts, and everything already established is closed.
+2. SESSION / READY on the control channel.
+3. A producer task hands batches of blocks to the channel tasks through an unbuffered memory
+   channel (backpressure: a batch is taken only by an idle channel). Each channel task sends
+   its batch from its worker thread, then SYNC and END.
+4. COMPLETE (counts and the image digest) / DONE: the receiver verified and committed.
+The first error anywhere cancels the rest; control.conclude_failure tells the peer why, or
+reads the peer's reason when ours is only "the connection broke".
+"""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from contextlib import asynccontextmanager
+
+import trio
+
+from . import control
+from . import errors as E
+from . import wire
+from .conn import Conn, collapse_group, first_error
+from .digest import DigestSum
+from .image import SourceImage
+from .pump import BlockSender, Counters
+from .ratelimit import RateLimiter, batch_bytes_for
+from .report import Report
+from .settings import BATCH_BYTES, DEFAULT_BLOCK_PAGES, DEFAULT_PAGE_SIZE, Timeouts
+
+SIDE = "sender"
+
+
+def _hello_exchange(conn: Conn, hello: wire.Hello) -> None:
+    conn.send_all(wire.encode_hello(hello))
+    status = wire.decode_hello_reply(conn.recv_bytes(wire.HELLO_REPLY.size, "the hello reply"))
+    if status is not wire.HelloStatus.OK:
+        raise E.RemoteProtocolError(
+            f"receiver rejected the hello: {wire.HELLO_STATUS_TEXT[status]}")
+
+
+async def dial(host: str, port: int, hello: wire.Hello, timeouts: Timeouts) -> Conn:
+    """Connect and say hello; returns only a fully established channel."""
+    label = hello.label()
+    try:
+        with trio.fail_after(timeouts.connect):
+            stream = await trio.open_tcp_stream(host, port)
+    except trio.TooSlowError:
+        raise E.PeerTimeout(f"no connection to {host}:{port} within {timeouts.connect:g}s",
+                            side=SIDE, channel=label, stage="connect") from None
+    except OSError as exc:
+        raise E.TransportError(f"cannot connect to {host}:{port}: {exc.strerror or exc}",
+                               side=SIDE, channel=label, stage="connect") from None
+    conn = Conn(socket.socket(fileno=stream.socket.detach()), label, side=SIDE,
+                timeout=timeouts.handshake)
+    try:
+        await conn.run("hello", _hello_exchange, conn, hello)
+        conn.sock.settimeout(timeouts.idle)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+@asynccontextmanager
+async def open_sender_channels(host: str, port: int, session_id: bytes, channels: int,
+                               timeouts: Timeouts):
+    established: dict[object, Conn] = {}  # the close-on-exit set
+
+    async def attempt(key: object, hello: wire.Hello) -> None:
+        established[key] = await dial(host, port, hello, timeouts)
+
+    try:
+        with collapse_group():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(attempt, "control",
+                                   wire.Hello(wire.Role.CONTROL, session_id, 0, channels))
+                for i in range(channels):
+                    nursery.start_soon(attempt, i,
+                                       wire.Hello(wire.Role.DATA, session_id, i, channels))
+        yield established["control"], [established[i] for i in range(channels)]
+    finally:
+        for conn in established.values():
+            conn.close()
+
+
+async def _channel_task(sender: BlockSender, batches, limiter: RateLimiter | None,
+                        block_bytes: int) -> None:
+    conn = sender.conn
+    async for first, last in batches:
+        budget = (last - first) * block_bytes
+        if limiter is not None:
+            await limiter.acquire(budget)
+        sent = await conn.run("data", sender.send_blocks, first, last)
+        if limiter is not None:
+            limiter.refund(budget - sent)
+    await conn.run("sync", sender.send_marker, wire.PacketKind.SYNC, 0)
+    await conn.run("finish", sender.send_marker, wire.PacketKind.END, 1)
+
+
+async def _produce(batches_tx, nblocks: int, batch_blocks: int) -> None:
+    async with batches_tx:
+        for first in range(0, nblocks, batch_blocks):
+            await batches_tx.send((first, min(first + batch_blocks, nblocks)))
+
+
+async def _pump_all(senders: list[BlockSender], session: wire.Session,
+                    max_bandwidth: float | None) -> None:
+    limiter = RateLimiter(max_bandwidth) if max_bandwidth else None
+    per_hop = batch_bytes_for(max_bandwidth, BATCH_BYTES)
+    # Spread small images over every channel rather than one batch on one channel.
+    batch_blocks = max(1, min(per_hop // session.block_bytes,
+                              -(-session.nblocks // len(senders))))
+    batches_tx, batches_rx = trio.open_memory_channel(0)
+    with batches_rx:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_produce, batches_tx, session.nblocks, batch_blocks)
+            for sender in senders:
+                nursery.start_soon(_channel_task, sender, batches_rx, limiter,
+                                   session.block_bytes)
+
+
+async def send_image(host: str, port: int, path: str, *, channels: int = 4,
+                     page_size: int = DEFAULT_PAGE_SIZE, block_pages: int = DEFAULT_BLOCK_PAGES,
+                     max_bandwidth: float | None = None, timeouts: Timeouts = Timeouts(),
+                     on_progress=None) -> Report:
+    """Migrate the image at `path` to the receiver at host:port. Raises MultifdError."""
+    if not 1 <= channels <= wire.MAX_CHANNELS:
+        raise E.UsageError(f"--channels {channels} out of range (1..{wire.MAX_CHANNELS})")
+    with SourceImage(path) as source:
+        try:
+            session = wire.Session(source.size, page_size, block_pages)
+        except E.LocalProtocolError as exc:
+            raise E.UsageError(exc.message) from None
+        started = trio.current_time()
+        session_id = uuid.uuid4().bytes
+        async with open_sender_channels(host, port, session_id, channels, timeouts) as (
+                ctl, datas):
+            senders = [BlockSender(conn, source, session) for conn in datas]
+            try:
+                async with trio.open_nursery() as nursery:
+                    if on_progress is not None:
+                        nursery.start_soon(on_progress, lambda: sum(
+                            s.counters.image_bytes for s in senders), session.image_size)
+                    await control.send(ctl, "setup", session)
+                    await control.receive(ctl, "setup", wire.Ready, "receiver")
+                    await _pump_all(senders, session, max_bandwidth)
+                    nursery.cancel_scope.cancel()
+                total, counters = DigestSum(), Counters()
+                for s in senders:
+                    total.merge(s.sum)
+                    counters.merge(s.counters)
+                await control.send(ctl, "finish", wire.Complete(
+                    1, counters.packets, counters.pages, counters.zero_pages, total.digest()))
+                done = await control.receive(ctl, "finish", wire.Done, "receiver")
+                if done.digest != total.digest():
+                    raise E.VerificationError(
+                        f"receiver confirmed digest {done.digest.hex()} "
+                        f"(expected {total.hexdigest()})", side=SIDE, stage="finish")
+            except BaseException as exc:
+                err = first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
+                reported = await control.conclude_failure(ctl, err, "receiver")
+                if reported is exc:
+                    raise
+                raise reported from None
+        return Report(SIDE, ok=True, bytes=session.image_size,
+                      payload_bytes=counters.payload_bytes, pages=counters.pages,
+                      zero_pages=counters.zero_pages, packets=counters.packets,
+                      channels=channels, seconds=trio.current_time() - started,
+                      digest=total.hexdigest())

@@ -1,0 +1,54 @@
+"""multifd-send ADDRESS IMAGE [--channels N] [--max-bandwidth RATE] ..."""
+
+from __future__ import annotations
+
+import functools
+
+from . import cli, wire
+from .address import parse_address
+from .send import send_image
+from .settings import DEFAULT_BLOCK_PAGES, DEFAULT_CHANNELS, DEFAULT_PAGE_SIZE
+
+PROG = "multifd-send"
+
+
+def _channels(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= wire.MAX_CHANNELS:
+        raise cli.argparse.ArgumentTypeError(
+            f"{text!r} is not a channel count in 1..{wire.MAX_CHANNELS}")
+    return int(text)
+
+
+def build_parser() -> cli.Parser:
+    p = cli.Parser(prog=PROG, description="Stream a RAM image to multifd-recv over N parallel "
+                   "TCP channels; exit 0 only once the receiver verified it.")
+    p.add_argument("address", metavar="ADDRESS", help="receiver, HOST:PORT or [IPv6]:PORT")
+    p.add_argument("image", metavar="IMAGE", help="the image file to send")
+    p.add_argument("--channels", type=_channels, default=DEFAULT_CHANNELS, metavar="N",
+                   help=f"data channels, 1..{wire.MAX_CHANNELS} (default {DEFAULT_CHANNELS})")
+    p.add_argument("--max-bandwidth", type=cli.parse_rate, default=None, metavar="RATE",
+                   help="cap on the total rate of all channels, e.g. 500MB/s or 1GiB/s")
+    p.add_argument("--page-size", type=int, default=DEFAULT_PAGE_SIZE, metavar="BYTES",
+                   help=f"page size, a power of two (default {DEFAULT_PAGE_SIZE})")
+    p.add_argument("--packet-pages", type=int, default=DEFAULT_BLOCK_PAGES, metavar="N",
+                   help=f"pages per packet (default {DEFAULT_BLOCK_PAGES})")
+    cli.add_common(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    host, port = cli.usage_guard(PROG, args.json, "sender",
+                                 functools.partial(parse_address, args.address))
+    if port == 0:
+        build_parser().error(f"address {args.address!r}: port 0 is only for listening")
+    main_fn = functools.partial(
+        send_image, host, port, args.image, channels=args.channels, page_size=args.page_size,
+        block_pages=args.packet_pages, max_bandwidth=args.max_bandwidth,
+        timeouts=cli.timeouts_from(args),
+        on_progress=cli.progress_printer("sending", not args.quiet and not args.json))
+    return cli.run(PROG, "sender", main_fn, args.json)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

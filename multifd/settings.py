@@ -1,0 +1,20 @@
+"""Tunables shared by both sides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Every network wait is bounded by one of these (seconds)."""
+
+    connect: float = 10.0  # TCP connect of each channel
+    handshake: float = 10.0  # hello exchange, and all channels arriving once one has
+    idle: float = 30.0  # any single send or receive once established
+
+
+DEFAULT_CHANNELS = 4
+DEFAULT_PAGE_SIZE = 4096
+DEFAULT_BLOCK_PAGES = 128  # 512 KiB packets
+BATCH_BYTES = 8 << 20  # work handed to a channel's thread per hop
