@@ -116,7 +116,10 @@ def run(prog: str, side: str, main, json_mode: bool) -> int:
         if json_mode:
             print(Report(side, ok=False, error=text).to_json(), flush=True)
         return code
-    print(report.to_json() if json_mode else report.human(), flush=True)
+    try:
+        print(report.to_json() if json_mode else report.human(), flush=True)
+    except BrokenPipeError:  # a reader that went away (`| head`) is not our failure
+        pass
     return 0
 
 

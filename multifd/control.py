@@ -66,7 +66,7 @@ async def conclude_failure(conn: Conn | None, err: BaseException, peer: str) -> 
         if isinstance(err, E.TransportError):
             # A socket timeout, not a cancel scope, bounds this read: cancelling would shut the
             # socket down, and we may still need it to send our own reason.
-            conn.sock.settimeout(EXPLAIN_GRACE)
+            conn.set_timeout(EXPLAIN_GRACE)
             with trio.move_on_after(2 * EXPLAIN_GRACE):
                 try:
                     msg = await conn.run("explain", _recv_message, conn)

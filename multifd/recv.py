@@ -23,7 +23,7 @@ import trio
 from . import control
 from . import errors as E
 from . import wire
-from .conn import first_error
+from .conn import collapse_group, first_error
 from .digest import DigestSum
 from .image import OutputFile
 from .pump import BlockReceiver, Counters
@@ -143,13 +143,14 @@ async def receive_image(listeners: list[trio.SocketListener], output_path: str |
                         timeouts: Timeouts = Timeouts(), log=print,
                         on_progress=None) -> Report:
     """Accept exactly one migration and write it to output_path (None: verify and discard)."""
-    async with open_registry(listeners, timeouts, log) as registry:
-        try:
-            await wait_for_channels(registry, timeouts)
-            return await _migrate(registry, output_path, timeouts, on_progress)
-        except BaseException as exc:
-            err = first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
-            reported = await control.conclude_failure(registry.control, err, "sender")
-            if reported is exc:
-                raise
-            raise reported from None
+    with collapse_group():
+        async with open_registry(listeners, timeouts, log) as registry:
+            try:
+                await wait_for_channels(registry, timeouts)
+                return await _migrate(registry, output_path, timeouts, on_progress)
+            except BaseException as exc:
+                err = first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
+                reported = await control.conclude_failure(registry.control, err, "sender")
+                if reported is exc:
+                    raise
+                raise reported from None

@@ -118,7 +118,7 @@ async def _greet(sock: socket.socket, registry: Registry, timeouts: Timeouts, lo
             raise
         if status is not wire.HelloStatus.OK:
             raise E.RemoteProtocolError(wire.HELLO_STATUS_TEXT[status], stage="hello")
-        conn.sock.settimeout(timeouts.idle)
+        conn.set_timeout(timeouts.idle)
         registry.fill(hello, conn)
         handed_over = True
     except E.MultifdError as exc:

@@ -44,6 +44,16 @@ def _hello_exchange(conn: Conn, hello: wire.Hello) -> None:
             f"receiver rejected the hello: {wire.HELLO_STATUS_TEXT[status]}")
 
 
+def _reason(exc: OSError) -> str:
+    """trio reports failed connects as one OSError caused by a group of the attempts' errors."""
+    cause = exc.__cause__
+    while isinstance(cause, BaseExceptionGroup):
+        cause = cause.exceptions[0]
+    if exc.strerror is None and isinstance(cause, OSError):
+        exc = cause
+    return exc.strerror or str(exc)
+
+
 async def dial(host: str, port: int, hello: wire.Hello, timeouts: Timeouts) -> Conn:
     """Connect and say hello; returns only a fully established channel."""
     label = hello.label()
@@ -54,13 +64,13 @@ async def dial(host: str, port: int, hello: wire.Hello, timeouts: Timeouts) -> C
         raise E.PeerTimeout(f"no connection to {host}:{port} within {timeouts.connect:g}s",
                             side=SIDE, channel=label, stage="connect") from None
     except OSError as exc:
-        raise E.TransportError(f"cannot connect to {host}:{port}: {exc.strerror or exc}",
+        raise E.TransportError(f"cannot connect to {host}:{port}: {_reason(exc)}",
                                side=SIDE, channel=label, stage="connect") from None
     conn = Conn(socket.socket(fileno=stream.socket.detach()), label, side=SIDE,
                 timeout=timeouts.handshake)
     try:
         await conn.run("hello", _hello_exchange, conn, hello)
-        conn.sock.settimeout(timeouts.idle)
+        conn.set_timeout(timeouts.idle)
     except BaseException:
         conn.close()
         raise

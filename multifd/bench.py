@@ -1,0 +1,415 @@
+"""multifd-bench [--size 1G] [--channels 4] [--dir /dev/shm] [--repeat 1] [--json] ...
+
+How fast is multifd compared with what the machine can do? Each case moves one random image
+over loopback TCP and is timed as the whole sender process, from spawn to exit, so startup,
+handshake and the final verification count, as they do for a user:
+
+  raw-newfile      multifd.rawcopy (the least code that does the job) into a new file
+  multifd-newfile  multifd-send -> multifd-recv OUTPUT, output compared byte for byte
+  iperf3           iperf3 -P N -n SIZE: what loopback TCP itself gives, no file at all
+  multifd-discard  multifd-send -> multifd-recv --discard
+  raw-discard      multifd.rawcopy with no output file
+
+and reported with the CPU seconds per GiB of each process (from wait4). The goals:
+multifd-newfile reaches 0.80 of raw-newfile, multifd-discard 0.50 of iperf3.
+
+On this kind of VM memory freed by the guest goes back to the host, and the first write into
+such memory is several times slower; a run into a new file would then measure what ran before
+it. Before each new-file run we therefore write and delete a file of the image's size (prime).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import select
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from . import cli, wire
+from .mkimage import parse_size, write_image
+
+PROG = "multifd-bench"
+CASES = ("raw-newfile", "multifd-newfile", "iperf3", "multifd-discard", "raw-discard")
+GOALS = (("multifd-newfile", "raw-newfile", 0.80), ("multifd-discard", "iperf3", 0.50))
+GIB = 1 << 30
+LISTENING = re.compile(r"listening on (\S+):(\d+)")
+
+
+class BenchError(Exception):
+    pass
+
+
+class Child:
+    """A process whose output goes to unlinked temp files, so no pipe can fill up and stall
+    it, and which we reap ourselves with wait4 to get its own rusage."""
+
+    def __init__(self, label: str, argv: list[str]) -> None:
+        self.label = label
+        self.out = tempfile.TemporaryFile()
+        self.err = tempfile.TemporaryFile()
+        self.start = time.perf_counter()
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.out,
+                                     stderr=self.err)
+        self.pidfd = os.pidfd_open(self.proc.pid)
+        self.seconds = self.cpu = None
+
+    def exited(self, timeout: float) -> bool:
+        return bool(select.select([self.pidfd], [], [], timeout)[0])
+
+    def _reap(self) -> None:
+        _, status, usage = os.wait4(self.proc.pid, 0)
+        self.seconds = time.perf_counter() - self.start
+        self.cpu = usage.ru_utime + usage.ru_stime
+        self.proc.returncode = os.waitstatus_to_exitcode(status)
+
+    def wait(self, timeout: float) -> None:
+        """Reap within `timeout` and require exit 0."""
+        if self.proc.returncode is None:
+            if not self.exited(timeout):
+                self.kill()
+                raise BenchError(f"{self.label} did not finish within {timeout:g} s")
+            self._reap()
+        if self.proc.returncode != 0:
+            raise BenchError(f"{self.label} exited {self.proc.returncode}: {self.tail()}")
+
+    def kill(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+            self._reap()
+
+    def text(self, stream) -> str:
+        # pread: the child shares the file offset, so seeking here would move its writes.
+        return os.pread(stream.fileno(), os.fstat(stream.fileno()).st_size, 0).decode(
+            errors="replace")
+
+    def stdout(self) -> str:
+        return self.text(self.out)
+
+    def tail(self) -> str:
+        lines = self.text(self.err).strip().splitlines()
+        return lines[-1] if lines else "(no message)"
+
+    def json(self) -> dict:
+        try:
+            return json.loads(self.stdout())
+        except ValueError:
+            raise BenchError(f"{self.label} printed no JSON: {self.stdout()[:200]!r}") from None
+
+    def close(self) -> None:
+        self.kill()
+        os.close(self.pidfd)
+        self.out.close()
+        self.err.close()
+
+
+class Bench:
+    def __init__(self, args) -> None:
+        self.size, self.channels, self.timeout = args.size, args.channels, args.timeout
+        self.dir = args.dir
+        self.image = os.path.join(args.dir, f"multifd-bench-{args.size}.img")
+        self.output = os.path.join(args.dir, f"multifd-bench-{os.getpid()}.out")
+        self.iperf3 = None if args.skip_iperf else shutil.which("iperf3")
+        tools = os.path.dirname(sys.executable)
+        self.multifd = {name: [os.path.join(tools, name)] if os.access(
+            os.path.join(tools, name), os.X_OK) else [sys.executable, "-m", module]
+            for name, module in (("multifd-send", "multifd.send_cli"),
+                                 ("multifd-recv", "multifd.recv_cli"))}
+
+    # -- files --------------------------------------------------------------------------
+
+    def prepare_image(self) -> bool:
+        """Returns True when a kept image of the right size is reused."""
+        if os.path.isfile(self.image) and os.path.getsize(self.image) == self.size:
+            return True
+        write_image(self.image, self.size, "random", seed=0)
+        return False
+
+    def prime(self) -> None:
+        path = self.output + ".prime"
+        try:
+            block = bytes(8 << 20)
+            with open(path, "wb") as f:
+                for offset in range(0, self.size, len(block)):
+                    f.write(block[:self.size - offset])
+        finally:
+            _unlink(path)
+
+    def drop_outputs(self) -> None:
+        """The output, and any partial file multifd-recv left beside it."""
+        _unlink(self.output)
+        prefix = f".{os.path.basename(self.output)}."
+        for name in os.listdir(self.dir):
+            if name.startswith(prefix) and name.endswith(".part"):
+                _unlink(os.path.join(self.dir, name))
+
+    def output_identical(self) -> bool:
+        if os.path.getsize(self.output) != self.size:
+            return False
+        with open(self.image, "rb") as a, open(self.output, "rb") as b:
+            while True:
+                chunk = a.read(4 << 20)
+                if chunk != b.read(4 << 20):
+                    return False
+                if not chunk:
+                    return True
+
+    # -- cases --------------------------------------------------------------------------
+
+    def run(self, case: str) -> dict:
+        newfile = case.endswith("-newfile")
+        if newfile:
+            self.prime()
+            self.drop_outputs()
+        try:
+            if case == "iperf3":
+                return self.case_iperf3()
+            kind = self.case_raw if case.startswith("raw") else self.case_multifd
+            result = kind(discard=not newfile)
+            if newfile:
+                if not self.output_identical():
+                    raise BenchError("output differs from the image")
+                result["check"] += ", output identical"
+            return result
+        finally:
+            self.drop_outputs()
+
+    @contextlib.contextmanager
+    def pair(self, server: tuple, ready, client: tuple):
+        """Start the server (label, argv); once ready(server) gives its port, time the client
+        (label, argv_for(port)). Both are reaped before the body runs; any failure kills both."""
+        children = []
+        try:
+            children.append(srv := Child(*server))
+            deadline = time.monotonic() + self.timeout
+            while (port := ready(srv)) is None:
+                if srv.exited(0.005):
+                    srv.wait(0)
+                    raise BenchError(f"{srv.label} exited before listening")
+                if time.monotonic() > deadline:
+                    raise BenchError(f"{srv.label} not listening after {self.timeout:g} s")
+            children.append(cln := Child(client[0], client[1](port)))
+            # A failed client leaves the server waiting for it: the raise kills it now.
+            cln.wait(self.timeout)
+            srv.wait(self.timeout)
+            yield srv, cln
+        finally:
+            for child in children:
+                child.close()
+
+    def case_raw(self, discard: bool) -> dict:
+        raw = [sys.executable, "-m", "multifd.rawcopy"]
+        n = str(self.channels)
+        server = ("rawcopy recv", raw + ["recv", "--listen", "127.0.0.1:0", "--channels", n]
+                  + (["--discard"] if discard else [self.output]))
+        client = ("rawcopy send",
+                  lambda port: raw + ["send", f"127.0.0.1:{port}", self.image, "--channels", n])
+        with self.pair(server, _stderr_port, client) as (srv, cln):
+            for side in (srv, cln):
+                if (got := side.json().get("bytes")) != self.size:
+                    raise BenchError(f"{side.label} moved {got} bytes, not {self.size}")
+            return _stats(srv, cln, check="byte counts")
+
+    def case_multifd(self, discard: bool) -> dict:
+        server = ("multifd-recv", self.multifd["multifd-recv"] + [
+            "--listen", "127.0.0.1:0", "--quiet", "--json"]
+            + (["--discard"] if discard else [self.output]))
+        client = ("multifd-send", lambda port: self.multifd["multifd-send"] + [
+            f"127.0.0.1:{port}", self.image, "--channels", str(self.channels), "--quiet",
+            "--json"])
+        with self.pair(server, _stderr_port, client) as (srv, cln):
+            reports = [srv.json(), cln.json()]
+            if not all(r.get("ok") and r.get("bytes") == self.size for r in reports) or \
+                    reports[0].get("digest") != reports[1].get("digest"):
+                raise BenchError(f"multifd reports disagree: {reports}")
+            return _stats(srv, cln, check="digests agree")
+
+    def case_iperf3(self) -> dict:
+        with socket.socket() as s:  # a free port: iperf3 cannot pick one and tell us
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = ("iperf3 -s", [self.iperf3, "-s", "-1", "-B", "127.0.0.1", "-p", str(port)])
+        client = ("iperf3 -c", lambda _: [
+            self.iperf3, "-c", "127.0.0.1", "-p", str(port), "-P", str(self.channels),
+            "-l", "512K", "-n", str(self.size), "-J"])
+        ready = lambda _: port if _tcp_listening(port) else None  # noqa: E731
+        with self.pair(server, ready, client) as (srv, cln):
+            try:
+                received = cln.json()["end"]["sum_received"]
+            except KeyError:
+                raise BenchError("iperf3 JSON has no end.sum_received") from None
+            if received["bytes"] < self.size:
+                raise BenchError(f"iperf3 received {received['bytes']} bytes, not {self.size}")
+            return _stats(srv, cln, check="iperf3 byte count",
+                          reported_gbps=received["bits_per_second"] / 8e9)
+
+
+def _stats(server: Child, client: Child, **extra) -> dict:
+    return {"seconds": client.seconds, "sender_cpu_s": client.cpu,
+            "receiver_cpu_s": server.cpu, **extra}
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _stderr_port(server: Child) -> int | None:
+    m = LISTENING.search(server.text(server.err))
+    return int(m.group(2)) if m else None
+
+
+def _tcp_listening(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:port, found without connecting: iperf3 -1
+    would take a probe connection for its one client."""
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[1] == f"0100007F:{port:04X}" and fields[3] == "0A":
+                return True
+    return False
+
+
+# -- results ----------------------------------------------------------------------------
+
+
+def summarize(size: int, runs: dict, errors: dict, skipped: dict) -> dict:
+    cases = {}
+    for case in CASES:
+        if case in skipped:
+            cases[case] = {"ok": None, "skipped": skipped[case]}
+        elif case in errors or not runs[case]:
+            cases[case] = {"ok": False, "error": errors.get(case, "not run"), "runs": runs[case]}
+        else:
+            # Median of each figure on its own: with --repeat 1 it is simply the run.
+            med = {key: statistics.median(r[key] for r in runs[case])
+                   for key in runs[case][0] if isinstance(runs[case][0][key], float)}
+            cases[case] = {"ok": True, "seconds": med["seconds"],
+                           "gbps": size / med["seconds"] / 1e9,
+                           "sender_cpu_s_per_gib": med["sender_cpu_s"] / (size / GIB),
+                           "receiver_cpu_s_per_gib": med["receiver_cpu_s"] / (size / GIB),
+                           "check": runs[case][0]["check"], "runs": runs[case]}
+            if "reported_gbps" in med:
+                cases[case]["reported_gbps"] = med["reported_gbps"]
+    ratios = {}
+    for num, den, goal in GOALS:
+        a, b = cases[num], cases[den]
+        value = a["gbps"] / b["gbps"] if a.get("ok") and b.get("ok") else None
+        ratios[f"{num}/{den}"] = {"value": value, "goal": goal,
+                                  "pass": None if value is None else value >= goal}
+        if value is not None and "reported_gbps" in b:
+            ratios[f"{num}/{den}"]["value_vs_reported"] = a["gbps"] / b["reported_gbps"]
+    return {"cases": cases, "ratios": ratios}
+
+
+def table(result: dict) -> str:
+    r = result
+    lines = [f"{PROG}: {r['size'] / GIB:g} GiB random image in {r['dir']}, "
+             f"{r['channels']} channels, median of {r['repeat']} run(s)"
+             f"{' (kept image reused)' if r['image_reused'] else ''}", "",
+             f"{'case':<16} {'seconds':>8} {'GB/s':>7} {'send CPU':>9} {'recv CPU':>9}  check",
+             f"{'':<16} {'':>8} {'':>7} {'s/GiB':>9} {'s/GiB':>9}"]
+    for case, c in r["cases"].items():
+        if c["ok"]:
+            check = c["check"]
+            if "reported_gbps" in c:
+                check += f"; iperf3 reports {c['reported_gbps']:.2f} GB/s"
+            lines.append(f"{case:<16} {c['seconds']:>8.3f} {c['gbps']:>7.2f} "
+                         f"{c['sender_cpu_s_per_gib']:>9.3f} {c['receiver_cpu_s_per_gib']:>9.3f}"
+                         f"  {check}")
+        else:
+            why = f"skipped: {c['skipped']}" if c["ok"] is None else f"FAILED: {c['error']}"
+            lines.append(f"{case:<16} {'-':>8} {'-':>7} {'-':>9} {'-':>9}  {why}")
+    lines.append("")
+    for name, q in r["ratios"].items():
+        if q["value"] is None:
+            missing = ", ".join(c for c in name.split("/") if not r["cases"][c]["ok"])
+            lines.append(f"{name:<32} n/a    (goal >= {q['goal']:.2f}; no {missing} result)")
+            continue
+        extra = (f"  ({q['value_vs_reported']:.2f} against iperf3's own rate)"
+                 if "value_vs_reported" in q else "")
+        lines.append(f"{name:<32} {q['value']:.2f}   (goal >= {q['goal']:.2f})  "
+                     f"{'PASS' if q['pass'] else 'MISS'}{extra}")
+    return "\n".join(lines)
+
+
+def build_parser() -> cli.Parser:
+    p = cli.Parser(prog=PROG, description="Time multifd against a raw TCP copy and iperf3 "
+                   "over loopback; see the module docstring for what each case measures.")
+    p.add_argument("--size", type=parse_size, default=parse_size("1G"),
+                   help="image size, e.g. 256M, 1G (default 1G)")
+    p.add_argument("--channels", type=int, default=4, metavar="N",
+                   help=f"TCP connections for every case, 1..{wire.MAX_CHANNELS} (default 4)")
+    p.add_argument("--dir", default="/dev/shm",
+                   help="where the image and the output files go (default /dev/shm)")
+    p.add_argument("--repeat", type=int, default=1, metavar="K",
+                   help="run the case sequence K times and report medians (default 1)")
+    p.add_argument("--timeout", type=cli.positive_float, default=300.0, metavar="S",
+                   help="bound on each process run (default 300)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object with all results instead of the table")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the image for the next run (reused when its size matches)")
+    p.add_argument("--skip-iperf", action="store_true", help="do not run the iperf3 case")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not 1 <= args.channels <= wire.MAX_CHANNELS:
+        parser.error(f"--channels must be in 1..{wire.MAX_CHANNELS}")
+    if args.repeat < 1 or args.size < 1:
+        parser.error("--repeat and --size must be positive")
+    if not os.path.isdir(args.dir) or not os.access(args.dir, os.W_OK | os.X_OK):
+        parser.error(f"--dir {args.dir} is not a writable directory")
+    bench = Bench(args)
+    skipped = {}
+    if args.skip_iperf:
+        skipped["iperf3"] = "--skip-iperf"
+    elif bench.iperf3 is None:
+        skipped["iperf3"] = "iperf3 not installed (apt-get install iperf3)"
+    runs: dict = {case: [] for case in CASES}
+    errors: dict = {}
+    try:
+        reused = bench.prepare_image()
+        for k in range(args.repeat):
+            for case in CASES:
+                if case in skipped or case in errors:
+                    continue
+                try:
+                    runs[case].append(bench.run(case))
+                    note = f"{runs[case][-1]['seconds']:.3f} s"
+                except BenchError as exc:
+                    errors[case] = str(exc)
+                    note = f"FAILED: {exc}"
+                print(f"{PROG}: [{k + 1}/{args.repeat}] {case}: {note}", file=sys.stderr,
+                      flush=True)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        bench.drop_outputs()
+        if not args.keep:
+            _unlink(bench.image)
+    result = {"size": args.size, "channels": args.channels, "dir": args.dir,
+              "repeat": args.repeat, "image_reused": reused,
+              **summarize(args.size, runs, errors, skipped)}
+    print(json.dumps(result, indent=1) if args.json else table(result), flush=True)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,247 @@
+"""End to end: the real CLIs in two processes over real TCP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+
+import pytest
+
+from conftest import files_in, run_sender, start_receiver
+
+MiB = 1 << 20
+
+
+def migrate(image: str, out: str, *send_args: str) -> tuple[dict, dict]:
+    recv = start_receiver(out, "--json")
+    sent = run_sender(recv.address, image, "--json", *send_args)
+    rc, stdout, stderr = recv.finish()
+    assert sent.returncode == 0, sent.stderr
+    assert rc == 0, stderr
+    return json.loads(sent.stdout), json.loads(stdout)
+
+
+@pytest.mark.parametrize("kind", ["random", "mixed", "zero"])
+@pytest.mark.parametrize("channels", [1, 4, 16])
+def test_image_arrives_identical(make_image, tmp_path, kind, channels):
+    image = make_image(6 * MiB, kind)
+    out = str(tmp_path / "out" / "guest.img")
+    os.mkdir(tmp_path / "out")
+    sent, received = migrate(image, out, "--channels", str(channels))
+    with open(image, "rb") as a, open(out, "rb") as b:
+        assert a.read() == b.read()
+    assert sent["ok"] and received["ok"]
+    assert sent["digest"] == received["digest"]
+    assert sent["channels"] == received["channels"] == channels
+    assert sent["bytes"] == received["bytes"] == 6 * MiB
+    if kind == "zero":
+        assert sent["zero_pages"] == sent["pages"] and sent["payload_bytes"] == 0
+    if kind == "mixed":
+        assert 0 < sent["zero_pages"] < sent["pages"]
+    assert files_in(tmp_path / "out") == ["guest.img"]
+
+
+def test_size_not_a_multiple_of_the_page_size(make_image, tmp_path):
+    size = 3 * MiB + 4096 * 3 + 123
+    image = make_image(size, "mixed", seed=7)
+    out = str(tmp_path / "out.img")
+    sent, received = migrate(image, out, "--channels", "3")
+    assert os.path.getsize(out) == size
+    with open(image, "rb") as a, open(out, "rb") as b:
+        assert a.read() == b.read()
+    assert received["pages"] == -(-size // 4096)
+
+
+def test_one_page_image_and_small_packets(make_image, tmp_path):
+    image = make_image(100, "random")
+    out = str(tmp_path / "out.img")
+    migrate(image, out, "--channels", "8", "--packet-pages", "1")
+    with open(image, "rb") as a, open(out, "rb") as b:
+        assert a.read() == b.read()
+
+
+def test_discard_verifies_without_writing(make_image, tmp_path):
+    image = make_image(4 * MiB)
+    recv = start_receiver("--discard", "--json")
+    sent = run_sender(recv.address, image, "--json")
+    rc, stdout, stderr = recv.finish()
+    assert sent.returncode == 0 and rc == 0, (sent.stderr, stderr)
+    assert json.loads(stdout)["digest"] == json.loads(sent.stdout)["digest"]
+    assert json.loads(stdout)["output"] is None
+
+
+def test_human_summary(make_image, tmp_path):
+    image = make_image(2 * MiB)
+    recv = start_receiver(str(tmp_path / "o.img"))
+    sent = run_sender(recv.address, image)
+    rc, stdout, _ = recv.finish()
+    assert sent.returncode == 0 and rc == 0
+    for text in (sent.stdout, stdout):
+        assert "ok, 2.00 MiB" in text and "digest xxh3-128-sum:" in text and "GB/s" in text
+
+
+def test_max_bandwidth_paces_the_transfer(make_image, tmp_path):
+    image = make_image(3 * MiB)
+    recv = start_receiver("--discard")
+    start = time.monotonic()
+    sent = run_sender(recv.address, image, "--max-bandwidth", "4MiB/s", "--channels", "4")
+    elapsed = time.monotonic() - start
+    assert recv.finish()[0] == 0 and sent.returncode == 0, sent.stderr
+    # 3 MiB at 4 MiB/s cannot take less than 0.75 s whatever the machine (a lower bound only).
+    assert elapsed >= 0.6
+
+
+def test_ipv6_loopback(make_image, tmp_path):
+    probe = socket.socket(socket.AF_INET6)
+    try:
+        probe.bind(("::1", 0))
+    except OSError:
+        pytest.fail("IPv6 loopback ::1 is not available on this machine")
+    finally:
+        probe.close()
+    image = make_image(MiB)
+    recv = start_receiver(str(tmp_path / "o.img"), listen="[::1]:0")
+    assert recv.host == "::1"
+    sent = run_sender(recv.address, image)
+    assert recv.finish()[0] == 0 and sent.returncode == 0, sent.stderr
+
+
+# ------------------------------------------------------------- failures
+
+
+def _one_clean_line(stderr: str) -> str:
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def test_sender_usage_errors(make_image, tmp_path):
+    image = make_image(MiB)
+    empty = tmp_path / "empty.img"
+    empty.write_bytes(b"")
+    cases = [
+        (["127.0.0.1:1", str(tmp_path / "missing.img")], "cannot open image"),
+        (["127.0.0.1:1", str(empty)], "is empty"),
+        (["127.0.0.1:1", str(tmp_path)], "is a directory"),
+        (["127.0.0.1", image], "does not parse"),
+        (["::1:80", image], "[ADDR]:PORT"),
+        (["127.0.0.1:99999", image], "port"),
+        (["127.0.0.1:1", image, "--channels", "0"], "channel count"),
+        (["127.0.0.1:1", image, "--channels", "65"], "channel count"),
+        (["127.0.0.1:1", image, "--max-bandwidth", "fast"], "does not parse"),
+        (["127.0.0.1:1", image, "--page-size", "1000"], "page size"),
+    ]
+    for args, expected in cases:
+        result = run_sender(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert expected in _one_clean_line(result.stderr), (args, result.stderr)
+
+
+def test_refused_connection_is_a_network_failure(make_image):
+    image = make_image(MiB)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: connections are refused
+        result = run_sender(f"127.0.0.1:{port}", image, "--json")
+    assert result.returncode == 1
+    line = _one_clean_line(result.stderr)
+    assert "connect" in line and "refused" in line.lower()
+    assert json.loads(result.stdout)["ok"] is False
+
+
+def test_receiver_usage_errors(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        cases = [
+            (["--listen", "127.0.0.1:0", str(tmp_path / "nodir" / "out.img")], "does not exist"),
+            (["--listen", "127.0.0.1:0", str(tmp_path)], "is a directory"),
+            (["--listen", "127.0.0.1:0", str(tmp_path / "afile" / "out.img")], "does not exist"),
+            (["--listen", f"127.0.0.1:{busy.getsockname()[1]}", "--discard"], "in use"),
+            (["--listen", "nowhere", "--discard"], "does not parse"),
+            (["--listen", "127.0.0.1:0"], "OUTPUT or --discard"),
+        ]
+        import subprocess
+
+        from conftest import cli
+        for args, expected in cases:
+            result = subprocess.run([*cli("recv"), *args], capture_output=True, text=True,
+                                    timeout=30)
+            assert result.returncode == 2, (args, result.stderr)
+            assert expected in _one_clean_line(result.stderr), (args, result.stderr)
+    finally:
+        busy.close()
+    assert files_in(tmp_path) == ["afile"]
+
+
+def test_killed_sender_leaves_nothing_and_receiver_exits_1(make_image, tmp_path):
+    import subprocess
+
+    from conftest import cli
+    image = make_image(16 * MiB)
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    recv = start_receiver(str(outdir / "guest.img"))
+    sender = subprocess.Popen([*cli("send"), recv.address, image, "--quiet",
+                               "--max-bandwidth", "4MB/s"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        time.sleep(1.5)  # mid-transfer: 16 MiB at 4 MB/s takes about 4 s
+        assert sender.poll() is None
+        assert any(name.endswith(".part") for name in files_in(outdir))
+        sender.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        rc, _, stderr = recv.finish(timeout=15)
+        assert time.monotonic() - killed < 5
+    finally:
+        sender.kill()
+        sender.communicate()
+    assert rc == 1
+    line = [x for x in stderr.splitlines() if "listening" not in x]
+    assert len(line) == 1 and "Traceback" not in stderr, stderr
+    assert "receiver" in line[0] and "data channel" in line[0], line[0]
+    assert files_in(outdir) == []
+
+
+def test_strangers_are_dropped_and_the_migration_completes(make_image, tmp_path):
+    image = make_image(12 * MiB)
+    out = str(tmp_path / "guest.img")
+    recv = start_receiver(out, "--handshake-timeout", "1")
+    import subprocess
+
+    from conftest import cli
+    sender = subprocess.Popen([*cli("send"), recv.address, image, "--quiet",
+                               "--max-bandwidth", "4MB/s"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    strangers = []
+    try:
+        time.sleep(0.5)
+        host, port = recv.host, recv.port
+        for payload in (b"GET / HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\r\n",
+                        os.urandom(64),
+                        b"MFD1" + b"\x00\x01\x02\x00" + os.urandom(16) + bytes(8)):
+            s = socket.create_connection((host, port), timeout=5)
+            s.sendall(payload)
+            strangers.append(s)
+        silent = socket.create_connection((host, port), timeout=5)  # never speaks
+        strangers.append(silent)
+        out_s, err_s = sender.communicate(timeout=60)
+    finally:
+        sender.kill()
+        for s in strangers:
+            s.close()
+    rc, _, stderr = recv.finish()
+    assert sender.returncode == 0, err_s
+    assert rc == 0, stderr
+    assert stderr.count("dropped") == 4, stderr
+    assert stderr.count("bad magic") == 2
+    assert "channel count 0 out of range" in stderr
+    assert "peer silent for 1s" in stderr
+    with open(image, "rb") as a, open(out, "rb") as b:
+        assert a.read() == b.read()

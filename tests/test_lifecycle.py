@@ -1,0 +1,275 @@
+"""In-process lifecycle tests over real loopback TCP: setup, rejection, cancellation, cleanup.
+
+Cleanup is checked, not assumed: after each scenario no thread may still be running code of
+this package (trio keeps idle worker threads cached for reuse; those run none of ours), and
+the process has no more open file descriptors than before.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import uuid
+
+import pytest
+import trio
+
+from multifd import errors as E
+from multifd import wire
+from multifd.recv import open_listeners, receive_image
+from multifd.send import dial, send_image
+from multifd.settings import Timeouts
+
+FAST = Timeouts(connect=2, handshake=1, idle=3)
+PKG = os.path.dirname(E.__file__)
+
+
+def threads_in_our_code() -> list[str]:
+    found = []
+    for ident, frame in sys._current_frames().items():
+        f = frame
+        while f is not None:
+            if f.f_code.co_filename.startswith(PKG) and ident != _main_ident:
+                found.append(f"{f.f_code.co_filename}:{f.f_lineno}")
+                break
+            f = f.f_back
+    return found
+
+
+_main_ident = None
+
+
+def _read(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+async def clean():
+    """Assert that the test leaves no busy thread and no open descriptor behind."""
+    global _main_ident
+    import threading
+    _main_ident = threading.get_ident()
+    before = open_fds()
+    yield
+    with trio.fail_after(5):
+        while threads_in_our_code():
+            await trio.sleep(0.01)
+    assert open_fds() == before
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "img"
+    path.write_bytes(os.urandom(3 << 20))
+    return str(path)
+
+
+async def _listen():
+    listeners = await open_listeners("127.0.0.1", 0)
+    return listeners, listeners[0].socket.getsockname()[1]
+
+
+async def test_migration_in_process_and_cleanup(clean, image, tmp_path):
+    listeners, port = await _listen()
+    out = str(tmp_path / "out")
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            result = {}
+
+            async def recv():
+                result["recv"] = await receive_image(listeners, out, timeouts=FAST,
+                                                     log=lambda m: None)
+            nursery.start_soon(recv)
+            report = await send_image("127.0.0.1", port, image, channels=5, timeouts=FAST)
+    for listener in listeners:
+        await listener.aclose()
+    assert report.ok and result["recv"].digest == report.digest
+    assert _read(out) == _read(image)
+
+
+async def test_data_channels_before_control(clean, image, tmp_path):
+    """Channels are told apart by their hello, not arrival order (QEMU's mistake)."""
+    listeners, port = await _listen()
+    out = str(tmp_path / "out")
+    sid = uuid.uuid4().bytes
+    n = 3
+    logs = []
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: receive_image(listeners, out, timeouts=FAST,
+                                                     log=logs.append))
+            conns = {}
+
+            async def data(i):
+                conns[i] = await dial("127.0.0.1", port,
+                                      wire.Hello(wire.Role.DATA, sid, i, n), FAST)
+            async with trio.open_nursery() as dials:
+                for i in range(n):
+                    dials.start_soon(data, i)
+                await trio.sleep(0.3)  # every data channel is waiting at the receiver
+                assert not conns
+                conns["control"] = await dial("127.0.0.1", port,
+                                              wire.Hello(wire.Role.CONTROL, sid, 0, n), FAST)
+            assert len(conns) == n + 1
+            for conn in conns.values():
+                conn.close()
+            nursery.cancel_scope.cancel()
+    for listener in listeners:
+        await listener.aclose()
+    assert not os.path.exists(out)
+
+
+async def test_rejected_hellos_name_the_reason(clean, tmp_path):
+    listeners, port = await _listen()
+    sid, other = uuid.uuid4().bytes, uuid.uuid4().bytes
+    logs = []
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: receive_image(listeners, None, timeouts=Timeouts(
+                connect=2, handshake=5, idle=3), log=logs.append))
+            control = await dial("127.0.0.1", port, wire.Hello(wire.Role.CONTROL, sid, 0, 2),
+                                 FAST)
+            good = await dial("127.0.0.1", port, wire.Hello(wire.Role.DATA, sid, 0, 2), FAST)
+            cases = [
+                (wire.Hello(wire.Role.DATA, other, 1, 2), "unknown session"),
+                (wire.Hello(wire.Role.DATA, sid, 0, 2), "duplicate channel id"),
+                (wire.Hello(wire.Role.DATA, sid, 1, 3), "out of range"),
+                (wire.Hello(wire.Role.CONTROL, other, 0, 2), "busy"),
+            ]
+            for hello, reason in cases:
+                with pytest.raises(E.RemoteProtocolError, match=reason):
+                    await dial("127.0.0.1", port, hello, FAST)
+            # The id equal to the count is refused by the receiver's decoder (>=, not >).
+            raw = wire.encode_hello(wire.Hello(wire.Role.DATA, sid, 0, 2))
+            bad = raw[:24] + (2).to_bytes(2, "big") + raw[26:]
+            s = trio.socket.socket()
+            await s.connect(("127.0.0.1", port))
+            await s.send(bad)
+            reply = await s.recv(8)
+            assert wire.decode_hello_reply(reply) is wire.HelloStatus.BAD_CHANNEL
+            s.close()
+            while len([m for m in logs if "dropped" in m]) < 5:
+                await trio.sleep(0.01)
+            control.close()
+            good.close()
+            nursery.cancel_scope.cancel()
+    for listener in listeners:
+        await listener.aclose()
+    assert len([m for m in logs if "dropped" in m]) == 5, logs
+
+
+async def _fake_receiver(listener, *, reject_channel=None, read_data=True):
+    """Speaks just enough protocol: hellos (optionally rejecting one), READY, then silence."""
+    async with trio.open_nursery() as nursery:
+        while True:
+            stream = await listener.accept()
+
+            async def serve(stream=stream):
+                async with stream:
+                    await speak(stream)
+
+            async def speak(stream):
+                hello = wire.decode_hello(await _recv_exactly(stream, wire.HELLO.size))
+                if hello.role is wire.Role.DATA and hello.channel == reject_channel:
+                    await trio.sleep(0.2)  # let the others get going first
+                    await stream.send_all(wire.encode_hello_reply(wire.HelloStatus.BAD_CHANNEL))
+                    return
+                await stream.send_all(wire.encode_hello_reply(wire.HelloStatus.OK))
+                if hello.role is wire.Role.CONTROL:
+                    await _recv_exactly(stream, wire.FRAME.size + wire.SESSION.size)
+                    await stream.send_all(wire.encode_control(wire.Ready()))
+                await trio.sleep_forever()  # never reads data: the sender's sends block
+            nursery.start_soon(serve)
+
+
+async def _recv_exactly(stream, n):
+    buf = b""
+    while len(buf) < n:
+        chunk = await stream.receive_some(n - len(buf))
+        if not chunk:
+            raise EOFError
+        buf += chunk
+    return buf
+
+
+async def test_one_rejected_channel_fails_setup_and_closes_the_rest(clean, image):
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(_fake_receiver, listener, reject_channel=5))
+            with pytest.raises(E.RemoteProtocolError) as info:
+                await send_image("127.0.0.1", port, image, channels=8, timeouts=FAST)
+            nursery.cancel_scope.cancel()
+    await listener.aclose()
+    assert info.value.channel == "data channel 5" and info.value.stage == "hello"
+
+
+async def test_cancel_while_the_receiver_stopped_reading(clean, tmp_path):
+    """QEMU's cancel hang: every sender blocked in send; cancellation must unblock them all."""
+    big = tmp_path / "big"
+    big.write_bytes(os.urandom(64 << 20))
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_fake_receiver, listener)
+            with trio.move_on_after(1.0) as scope:
+                await send_image("127.0.0.1", port, str(big), channels=4,
+                                 timeouts=Timeouts(connect=2, handshake=2, idle=60))
+            assert scope.cancelled_caught
+            nursery.cancel_scope.cancel()
+    await listener.aclose()
+
+
+async def test_silent_receiver_times_out_naming_channel_and_stage(clean, tmp_path):
+    big = tmp_path / "big"
+    big.write_bytes(os.urandom(64 << 20))
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_fake_receiver, listener)
+            with pytest.raises(E.PeerTimeout) as info:
+                await send_image("127.0.0.1", port, str(big), channels=2,
+                                 timeouts=Timeouts(connect=2, handshake=2, idle=1))
+            nursery.cancel_scope.cancel()
+    await listener.aclose()
+    assert info.value.stage == "data" and info.value.channel.startswith("data channel")
+
+
+async def test_missing_data_channel_times_out_and_tells_the_sender(clean, tmp_path):
+    listeners, port = await _listen()
+    sid = uuid.uuid4().bytes
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    failures = []
+
+    async def recv():
+        try:
+            await receive_image(listeners, str(outdir / "o"), timeouts=FAST, log=lambda m: None)
+        except E.PeerTimeout as exc:
+            failures.append(exc)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(recv)
+            control = await dial("127.0.0.1", port, wire.Hello(wire.Role.CONTROL, sid, 0, 2),
+                                 FAST)
+            data0 = await dial("127.0.0.1", port, wire.Hello(wire.Role.DATA, sid, 0, 2), FAST)
+            head = await control.run("test", control.recv_bytes, wire.FRAME.size, "frame")
+            kind, _, _, length = wire.FRAME.unpack(head)
+            body = await control.run("test", control.recv_bytes, length, "body")
+            control.close()
+            data0.close()
+    for listener in listeners:
+        await listener.aclose()
+    assert kind == wire.ControlType.ERROR and b"data channel 1 did not arrive" in body
+    assert "data channel 1 did not arrive" in str(failures[0])
+    assert os.listdir(outdir) == []
