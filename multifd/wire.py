@@ -109,6 +109,18 @@ RUN = struct.Struct("!IHBB")  # first page in block, pages, kind, reserved
 _ZERO16 = bytes(16)
 
 
+def _exact(data, size: int, what: str) -> None:
+    if len(data) != size:
+        raise E.RemoteProtocolError(f"{what} is {len(data)} bytes (expected {size})")
+
+
+def _known(enum_cls, value: int, what: str):
+    if value not in enum_cls._value2member_map_:
+        names = ", ".join(f"{m.value} {m.name.lower()}" for m in enum_cls)
+        raise E.RemoteProtocolError(f"unknown {what} {value} (expected {names})")
+    return enum_cls(value)
+
+
 def _canonical(value: int | bytes, zero, what: str) -> None:
     if value != zero:
         raise E.RemoteProtocolError(f"{what}: reserved field is {value!r} (expected zero)")
@@ -137,8 +149,7 @@ def encode_hello(hello: Hello, *, magic: int = MAGIC, version: int = VERSION) ->
 
 def decode_hello(data: bytes) -> Hello:
     """Decode exactly HELLO.size bytes; validation independent of any session."""
-    if len(data) != HELLO.size:
-        raise E.RemoteProtocolError(f"hello is {len(data)} bytes (expected {HELLO.size})")
+    _exact(data, HELLO.size, "hello")
     magic, version, role, flags, session, channel, channels, reserved = HELLO.unpack(data)
     if magic != MAGIC:
         raise E.BadMagic(f"bad magic 0x{magic:08x} (expected 0x{MAGIC:08x})")
@@ -165,14 +176,17 @@ def encode_hello_reply(status: HelloStatus) -> bytes:
 
 
 def decode_hello_reply(data: bytes) -> HelloStatus:
+    _exact(data, HELLO_REPLY.size, "hello reply")
     magic, version, status, reserved = HELLO_REPLY.unpack(data)
     if magic != MAGIC:
         raise E.BadMagic(f"bad magic 0x{magic:08x} in hello reply (expected 0x{MAGIC:08x})")
     if status not in HelloStatus._value2member_map_:
-        raise E.RemoteProtocolError(f"unknown hello status {status}")
+        raise E.RemoteProtocolError(f"unknown hello status {status} (expected 0..{max(HelloStatus)})")
     status = HelloStatus(status)
     if status is HelloStatus.BAD_VERSION or version != VERSION:
-        raise E.BadVersion(f"receiver speaks protocol version {version} (we speak {VERSION})")
+        raise E.BadVersion(f"receiver speaks protocol version {version} (we speak {VERSION})"
+                           if version != VERSION else
+                           f"receiver refused our protocol version (we speak {VERSION})")
     _canonical(reserved, 0, "hello reply")
     return status
 
@@ -272,7 +286,9 @@ def encode_control(msg: ControlMessage) -> bytes:
     if isinstance(msg, Done):
         return _frame(ControlType.DONE, DONE.pack(msg.bytes, msg.digest))
     if isinstance(msg, ErrorMessage):
+        # Cut at a character boundary: the text on the wire is always valid UTF-8.
         text = msg.text.encode("utf-8", "replace")[:MAX_ERROR_TEXT]
+        text = text.decode("utf-8", "ignore").encode("utf-8")
         return _frame(ControlType.ERROR, ERROR.pack(msg.code, 0) + text)
     raise E.LocalProtocolError(f"not a control message: {msg!r}")
 
@@ -293,13 +309,11 @@ def _decode_body(kind: ControlType, body: bytes) -> ControlMessage:
     if kind is ControlType.SESSION:
         size, page, block_pages, digest, compression, flags, reserved = SESSION.unpack(body)
         check_geometry(size, page, block_pages)
-        if digest not in DigestAlg._value2member_map_:
-            raise E.RemoteProtocolError(f"unknown digest algorithm {digest}")
-        if compression not in Compression._value2member_map_:
-            raise E.RemoteProtocolError(f"unsupported compression {compression}")
+        digest = _known(DigestAlg, digest, "digest algorithm")
+        compression = _known(Compression, compression, "compression")
         _canonical(flags, 0, "SESSION flags")
         _canonical(reserved, 0, "SESSION")
-        return Session(size, page, block_pages, DigestAlg(digest), Compression(compression))
+        return Session(size, page, block_pages, digest, compression)
     if kind is ControlType.READY:
         return Ready()
     if kind is ControlType.COMPLETE:
@@ -313,6 +327,7 @@ def _decode_body(kind: ControlType, body: bytes) -> ControlMessage:
         raise E.RemoteProtocolError(f"ERROR message body is {len(body)} bytes "
                                     f"(expected {ERROR.size}..{ERROR.size + MAX_ERROR_TEXT})")
     code, reserved = ERROR.unpack_from(body)
+    _canonical(reserved, 0, "ERROR")
     code = ErrorCode(code) if code in ErrorCode._value2member_map_ else ErrorCode.FAILED
     return ErrorMessage(code, body[ERROR.size:].decode("utf-8", "replace"))
 
@@ -345,9 +360,7 @@ class ControlDecoder:
         if len(self._buf) < FRAME.size:
             return None
         kind, flags, reserved, length = FRAME.unpack_from(self._buf)
-        if kind not in ControlType._value2member_map_:
-            raise E.RemoteProtocolError(f"unknown control message type {kind}")
-        kind = ControlType(kind)
+        kind = _known(ControlType, kind, "control message type")
         _canonical(flags, 0, f"{kind.name} flags")
         _canonical(reserved, 0, kind.name)
         if length > MAX_CONTROL_BODY:
@@ -394,22 +407,23 @@ def encode_packet(kind: PacketKind, *, seq: int, round: int, offset: int = 0,
 
 def decode_packet_header(data, session: Session) -> PacketHeader:
     """Validate the fixed header of one packet against the session's geometry."""
+    _exact(data, PACKET.size, "packet header")
     (magic, kind, flags, nruns, seq, rnd, offset, payload, compression, reserved,
      digest) = PACKET.unpack(data)
     if magic != PACKET_MAGIC:
         raise E.BadMagic(f"bad packet magic 0x{magic:08x} (expected 0x{PACKET_MAGIC:08x})")
-    if kind not in PacketKind._value2member_map_:
-        raise E.RemoteProtocolError(f"unknown packet kind {kind}")
-    kind = PacketKind(kind)
-    if compression != Compression.NONE:
-        raise E.RemoteProtocolError(f"packet {seq}: unsupported compression {compression}")
+    kind = _known(PacketKind, kind, f"packet {seq} kind")
+    _known(Compression, compression, f"packet {seq} compression")
     _canonical(reserved, b"\0\0\0", f"packet {seq}")
     if flags & ~_KNOWN_PACKET_FLAGS:
-        raise E.RemoteProtocolError(f"packet {seq}: unknown flags 0x{flags:02x}")
+        raise E.RemoteProtocolError(f"packet {seq}: unknown flags 0x{flags:02x} "
+                                    f"(expected a subset of 0x{_KNOWN_PACKET_FLAGS:02x})")
     if kind is not PacketKind.PAGES:
-        if nruns or payload or offset or flags or digest != _ZERO16:
-            raise E.RemoteProtocolError(
-                f"{kind.name} packet {seq} carries pages, payload, offset or flags")
+        for name, value in (("runs", nruns), ("payload length", payload), ("offset", offset),
+                            ("flags", flags), ("digest", int.from_bytes(digest, "big"))):
+            if value:
+                raise E.RemoteProtocolError(
+                    f"{kind.name} packet {seq}: {name} is {value} (expected 0)")
         return PacketHeader(kind, 0, 0, seq, rnd, 0, 0, digest)
     if offset % session.block_bytes:
         raise E.Misaligned(f"packet {seq}: offset {offset} is not a multiple of the "
@@ -431,25 +445,28 @@ def decode_runs(data, header: PacketHeader, session: Session) -> list[tuple[int,
 
     Returns (first page in block, pages, RunKind) tuples.
     """
+    _exact(data, header.runs_len, f"packet {header.seq} run table")
     block_pages = session.block_page_count(header.offset // session.block_bytes)
     runs = []
     end = 0
     data_pages = 0
     for first, n, kind, reserved in RUN.iter_unpack(data):
-        if kind not in (RunKind.DATA, RunKind.ZERO):
-            raise E.RemoteProtocolError(f"packet {header.seq}: unknown run kind {kind}")
+        _known(RunKind, kind, f"packet {header.seq} run kind")
         _canonical(reserved, 0, f"packet {header.seq} run")
         if n == 0:
-            raise E.RemoteProtocolError(f"packet {header.seq}: empty run at page {first}")
+            raise E.RemoteProtocolError(
+                f"packet {header.seq}: run at page {first} has 0 pages (expected at least 1)")
         if first < end:
             raise E.RemoteProtocolError(
-                f"packet {header.seq}: run at page {first} overlaps or is out of order")
+                f"packet {header.seq}: run at page {first} overlaps or is out of order "
+                f"(expected page {end} or later)")
         if first + n > block_pages:
             raise E.OutOfRange(f"packet {header.seq}: run of pages {first}..{first + n - 1} "
                                f"outside the block ({block_pages} pages)")
         if header.flags & FLAG_FULL_BLOCK and first != end:
             raise E.RemoteProtocolError(
-                f"packet {header.seq}: full-block packet has a gap before page {first}")
+                f"packet {header.seq}: full-block packet has a gap: run at page {first} "
+                f"(expected page {end})")
         end = first + n
         if kind == RunKind.DATA:
             data_pages += n

@@ -889,7 +889,7 @@ RUN_ERRORS = {
                                  [rf"\b{100 * PAGE} bytes"]),
     "no-data-but-payload": (runs_raw((0, 128, Z)), pages_header(payload=PAGE),
                             E.RemoteProtocolError, [r"\b4096 bytes"], [r"\b0 data pages"]),
-    "no-runs-but-payload": (b"", pages_header(flags=1, payload=PAGE), E.RemoteProtocolError,
+    "no-runs-but-payload": (b"", pages_header(flags=1, nruns=0, payload=PAGE), E.RemoteProtocolError,
                             [r"\b4096 bytes"], [r"\b0 data pages"]),
 }
 
