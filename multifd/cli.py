@@ -1,6 +1,7 @@
 """What both CLIs share: running a migration under trio and turning its outcome into output
 and an exit code. A user mistake or a failed migration is one line on stderr, never a
-traceback; exit 0 success, 1 migration failed, 2 usage or input error, 130 interrupted.
+traceback; exit 0 success, 1 migration failed, 2 usage or input error, 130 interrupted
+(SIGINT), 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -8,13 +9,15 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import sys
 import traceback
 
 import trio
 
-from .conn import first_error
-from .errors import MultifdError, UsageError
+from . import control
+from .conn import collapse_group, first_error
+from .errors import MultifdError, Terminated, UsageError
 from .report import Report, human_bytes
 from .settings import Timeouts
 
@@ -95,10 +98,27 @@ def progress_printer(label: str, enabled: bool):
     return progress
 
 
+async def _with_sigterm(main):
+    """Run main(); SIGTERM becomes a Terminated error that cancels it like any failure."""
+
+    async def watch_sigterm():
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            async for _ in signals:
+                control.cancel_reason.set("terminated by SIGTERM")
+                raise Terminated("terminated by SIGTERM")
+
+    with collapse_group():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_sigterm)
+            report = await main()
+            nursery.cancel_scope.cancel()
+    return report
+
+
 def run(prog: str, side: str, main, json_mode: bool) -> int:
     """Run `main` (an async function returning a Report) and report its outcome."""
     try:
-        report = trio.run(main)
+        report = trio.run(_with_sigterm, main)
     except BaseException as exc:  # noqa: B036 - everything ends here, as one line
         err = first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
         if isinstance(err, KeyboardInterrupt):

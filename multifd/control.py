@@ -14,7 +14,11 @@ from . import errors as E
 from . import wire
 from .conn import Conn
 
-EXPLAIN_GRACE = 2.0  # how long a side waits for its peer's reason after a broken channel
+EXPLAIN_GRACE = 2.0
+
+# Why this run is being cancelled, for the peer's benefit (set by whoever cancels it, e.g. the
+# SIGTERM watcher): a task that only sees trio.Cancelled cannot know.
+cancel_reason = trio.lowlevel.RunVar("cancel_reason", default="cancelled")  # how long a side waits for its peer's reason after a broken channel
 
 
 def _recv_message(conn: Conn) -> wire.ControlMessage:
@@ -45,6 +49,7 @@ def error_code(err: BaseException) -> wire.ErrorCode:
                       (E.VerificationError, wire.ErrorCode.VERIFY),
                       (E.ImageError, wire.ErrorCode.IMAGE),
                       (E.PeerTimeout, wire.ErrorCode.TIMEOUT),
+                      (E.Terminated, wire.ErrorCode.CANCELLED),
                       (trio.Cancelled, wire.ErrorCode.CANCELLED),
                       (KeyboardInterrupt, wire.ErrorCode.CANCELLED)):
         if isinstance(err, cls):
@@ -77,7 +82,8 @@ async def conclude_failure(conn: Conn | None, err: BaseException, peer: str) -> 
                     explained.__cause__ = err
                     return explained
         with trio.move_on_after(EXPLAIN_GRACE):
-            text = str(err) if isinstance(err, E.MultifdError) else "cancelled"
+            text = (str(err) if isinstance(err, E.MultifdError) else
+                    "interrupted" if isinstance(err, KeyboardInterrupt) else cancel_reason.get())
             try:
                 await conn.run("explain", conn.send_all,
                                wire.encode_control(wire.ErrorMessage(error_code(err), text)))

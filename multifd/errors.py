@@ -110,3 +110,9 @@ class VerificationError(MultifdError):
 
 class ImageError(MultifdError):
     """Reading the source image or writing the output failed."""
+
+
+class Terminated(MultifdError):
+    """SIGTERM: cancel cleanly, like Ctrl-C, and exit 143."""
+
+    exit_code = 143

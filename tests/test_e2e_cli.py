@@ -245,3 +245,31 @@ def test_strangers_are_dropped_and_the_migration_completes(make_image, tmp_path)
     assert "peer silent for 1s" in stderr
     with open(image, "rb") as a, open(out, "rb") as b:
         assert a.read() == b.read()
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_to_the_receiver_cancels_cleanly(make_image, tmp_path, sig, code):
+    import subprocess
+
+    from conftest import cli
+    image = make_image(16 * MiB)
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    recv = start_receiver(str(outdir / "guest.img"))
+    sender = subprocess.Popen([*cli("send"), recv.address, image, "--quiet",
+                               "--max-bandwidth", "4MB/s"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)
+        assert any(name.endswith(".part") for name in files_in(outdir))
+        recv.proc.send_signal(sig)
+        rc, _, stderr = recv.finish(timeout=15)
+        _, send_err = sender.communicate(timeout=15)
+    finally:
+        sender.kill()
+    assert rc == code, stderr
+    assert "Traceback" not in stderr and "Traceback" not in send_err
+    assert sender.returncode == 1
+    expected = "terminated by SIGTERM" if sig == signal.SIGTERM else "interrupted"
+    assert f"receiver failed: {expected}" in send_err, send_err
+    assert files_in(outdir) == []
