@@ -96,6 +96,17 @@ class Conn:
     def send_all(self, data) -> None:
         self.sock.sendall(data)
 
+    def send_parts(self, parts: list) -> None:
+        """Send header and payload views in one system call when the kernel takes them all."""
+        sent = self.sock.sendmsg(parts)
+        for part in parts:
+            size = len(part) if not isinstance(part, memoryview) else part.nbytes
+            if sent >= size:
+                sent -= size
+                continue
+            self.sock.sendall(memoryview(part)[sent:])
+            sent = 0
+
     def recv_exactly(self, view: memoryview, what: str) -> None:
         recv_into = self.sock.recv_into
         while view:

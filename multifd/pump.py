@@ -4,7 +4,7 @@ Ownership: each BlockSender / BlockReceiver belongs to one channel task and is u
 the worker thread that task starts (Conn.run forbids two at once). Its buffers are reused for
 every block; its counters have that one writer, and other tasks only read them for progress.
 Per block the Python work is constant: no loop runs per page (pages.PageScanner finds zero
-pages with numpy; runs are per contiguous range, not per page).
+pages at C speed; runs are per contiguous range, not per page).
 """
 
 from __future__ import annotations
@@ -64,11 +64,12 @@ class BlockSender:
                 PacketKind.PAGES, seq=self.seq, round=round, offset=offset, runs=runs,
                 page_size=page, flags=_FULL,
                 digest=term_bytes(term))
-            self.conn.send_all(header)
+            parts = [header]
             for start, n, kind in runs:
                 if kind == RunKind.DATA:
-                    self.conn.send_all(self.view[start * page:(start + n) * page])
+                    parts.append(self.view[start * page:(start + n) * page])
                     sent += n * page
+            self.conn.send_parts(parts)
             self.seq += 1
             c = self.counters
             c.packets += 1
@@ -106,7 +107,7 @@ class BlockReceiver:
         head_view = memoryview(self.head)
         runs_view = memoryview(self.runs)
         while True:
-            conn.recv_exactly(head_view, f"packet {self.seq}")
+            conn.recv_exactly(head_view, "a packet header")
             h = wire.decode_packet_header(self.head, s)
             if h.seq != self.seq:
                 raise E.RemoteProtocolError(f"packet number {h.seq} (expected {self.seq})")
@@ -120,7 +121,7 @@ class BlockReceiver:
                 raise E.RemoteProtocolError(
                     f"packet {h.seq}: flags 0x{h.flags:02x} (this receiver takes full blocks "
                     f"with digests, 0x{_FULL:02x})")
-            conn.recv_exactly(runs_view[:h.runs_len], f"packet {h.seq} run table")
+            conn.recv_exactly(runs_view[:h.runs_len], "a run table")
             runs = wire.decode_runs(runs_view[:h.runs_len], h, s)
             block = h.offset // s.block_bytes
             length = s.block_len(block)
@@ -128,7 +129,7 @@ class BlockReceiver:
             for start, n, kind in runs:
                 part = self.view[start * page:(start + n) * page]
                 if kind == RunKind.DATA:
-                    conn.recv_exactly(part, f"packet {h.seq} payload")
+                    conn.recv_exactly(part, "packet payload")
                 else:
                     part[:] = self.zeros[:n * page]
                     zero += n
