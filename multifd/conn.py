@@ -98,14 +98,20 @@ class Conn:
 
     def send_parts(self, parts: list) -> None:
         """Send header and payload views in one system call when the kernel takes them all."""
-        sent = self.sock.sendmsg(parts)
-        for part in parts:
-            size = len(part) if not isinstance(part, memoryview) else part.nbytes
-            if sent >= size:
-                sent -= size
-                continue
-            self.sock.sendall(memoryview(part)[sent:])
-            sent = 0
+        part = None
+        try:
+            sent = self.sock.sendmsg(parts)
+            for part in parts:
+                size = part.nbytes if isinstance(part, memoryview) else len(part)
+                if sent >= size:
+                    sent -= size
+                    continue
+                self.sock.sendall(memoryview(part)[sent:])
+                sent = 0
+        finally:
+            # A traceback keeps this frame alive: it must not keep a view of the sender's
+            # mapped window alive too, or the window could not be unmapped.
+            part = None
 
     def recv_exactly(self, view: memoryview, what: str) -> None:
         recv_into = self.sock.recv_into

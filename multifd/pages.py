@@ -1,11 +1,14 @@
 """Zero-page detection at C speed: a block's pages become runs of data and zero pages.
 
-No Python loop runs per page. Each step is a C-speed scan over the block: `bytearray.find`
-looks for a page's worth of zero bytes anywhere (on data without zero pages it skips through
-the block in strides of a page), and `bytearray.startswith` against a zero buffer is a memcmp.
-A zero run found that way is measured by galloping (1, 2, 4, ... pages, then bisection), so
-the Python work is proportional to the number of runs times log(run length), not to pages.
-Only pathological data with many unaligned page-sized zero stretches costs a step per page.
+No Python loop runs per page. `find` looks for a page's worth of zero bytes anywhere in the
+block (on data without zero pages it strides through the block a page at a time, in C), and a
+candidate run is confirmed by comparing it with a zero buffer (memcmp). A zero run is measured
+by galloping (1, 2, 4, ... pages, then bisection), so the Python work is proportional to the
+number of runs times log(run length), not to the number of pages. Only pathological data with
+many unaligned page-sized zero stretches costs a step per page.
+
+The source is anything with find() and slicing: a bytearray, or the sender's mmap of the
+image, which is scanned and sent without being copied.
 """
 
 from __future__ import annotations
@@ -14,64 +17,58 @@ from .wire import RunKind
 
 
 class PageScanner:
-    """Reusable scanner over one block buffer (owned by one thread)."""
+    """Reusable scanner (owned by one thread) for blocks of up to `max_bytes`."""
 
-    def __init__(self, buf: bytearray, page_size: int) -> None:
-        self.buf = buf
+    def __init__(self, page_size: int, max_bytes: int) -> None:
         self.page_size = page_size
-        self._zeros = memoryview(bytes(len(buf)))
+        self._zeros = bytes(max_bytes)
         self._zero_page = self._zeros[:page_size]
 
-    def _zero(self, first: int, count: int) -> bool:
-        """Are pages [first, first + count) all zero?"""
+    def runs(self, src, start: int, length: int) -> tuple[tuple[tuple[int, int, int], ...], int]:
+        """Runs covering the pages of src[start:start+length] (the last page may be partial)
+        and the number of zero pages among them."""
         p = self.page_size
-        return self.buf.startswith(self._zeros[:count * p], first * p)
+        npages = -(-length // p)
+        end = start + length
 
-    def _zero_run_end(self, first: int, npages: int) -> int:
-        """First page >= first that is not zero (page `first` is known to be zero)."""
-        good, step = 1, 1
-        while first + good < npages:
-            step = min(step * 2, npages - first)
-            if not self._zero(first, step):
-                break
-            good = step
-        else:
-            return npages
-        lo, hi = good, step  # pages [first, first+lo) are zero, [first, first+hi) are not
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if self._zero(first, mid):
-                lo = mid
-            else:
-                hi = mid
-        return first + lo
+        def zero(first: int, count: int) -> bool:
+            lo = start + first * p
+            hi = min(start + (first + count) * p, end)
+            return src[lo:hi] == self._zeros[:hi - lo]
 
-    def runs(self, npages: int) -> tuple[tuple[tuple[int, int, int], ...], int]:
-        """Runs covering pages [0, npages) and the number of zero pages among them."""
-        p = self.page_size
-        if self._zero(0, npages):
-            return ((0, npages, RunKind.ZERO),), npages
         runs: list[tuple[int, int, int]] = []
         data_start = 0  # first page not yet assigned to a run
         page = 0  # where the search for the next zero page starts
         zero_pages = 0
-        limit = npages * p
         while page < npages:
-            hit = self.buf.find(self._zero_page, page * p, limit)
+            hit = src.find(self._zero_page, start + page * p, end)
             if hit < 0:
                 break
-            first = -(-hit // p)  # the first aligned page that can be all zero
+            first = -(-(hit - start) // p)  # the first aligned page that can be all zero
             if first >= npages:
                 break
-            if not self._zero(first, 1):
+            if not zero(first, 1):
                 page = first + 1
                 continue
-            end = self._zero_run_end(first, npages)
+            # Gallop, then bisect: pages [first, first+good) are zero, [first, first+bad) not.
+            good, bad = 1, 0
+            while first + good < npages:
+                step = min(good * 2, npages - first)
+                if not zero(first, step):
+                    bad = step
+                    break
+                good = step
+            while bad - good > 1:
+                mid = (good + bad) // 2
+                if zero(first, mid):
+                    good = mid
+                else:
+                    bad = mid
             if first > data_start:
                 runs.append((data_start, first - data_start, RunKind.DATA))
-            runs.append((first, end - first, RunKind.ZERO))
-            zero_pages += end - first
-            data_start = page = end
+            runs.append((first, good, RunKind.ZERO))
+            zero_pages += good
+            data_start = page = first + good
         if data_start < npages:
             runs.append((data_start, npages - data_start, RunKind.DATA))
         return tuple(runs), zero_pages

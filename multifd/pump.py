@@ -38,9 +38,7 @@ class BlockSender:
         self.conn = conn
         self.source = source
         self.session = session
-        self.buf = bytearray(session.block_bytes)
-        self.view = memoryview(self.buf)
-        self.scanner = PageScanner(self.buf, session.page_size)
+        self.scanner = PageScanner(session.page_size, session.block_bytes)
         self.seq = 0
         self.sum = DigestSum()
         self.counters = Counters()
@@ -48,37 +46,43 @@ class BlockSender:
     def send_blocks(self, first: int, last: int, round: int = 0) -> int:
         """Send blocks [first, last) as full-block packets; returns payload bytes sent."""
         s = self.session
+        start = first * s.block_bytes
+        end = min(last * s.block_bytes, s.image_size)
+        with self.source.mapped(start, end - start) as (window, delta):
+            with memoryview(window) as view:
+                return sum(self._send_block(window, view, delta + b * s.block_bytes - start, b,
+                                            round) for b in range(first, last))
+
+    def _send_block(self, window, view: memoryview, at: int, block: int, round: int) -> int:
+        s = self.session
         page = s.page_size
-        sent = 0
-        for block in range(first, last):
-            offset = block * s.block_bytes
-            length = s.block_len(block)
-            npages = -(-length // page)
-            self.source.read_into(self.view[:length], offset)
-            if length != npages * page:  # the image's last page is partial: pad it with zeros
-                self.view[length:npages * page] = bytes(npages * page - length)
-            runs, zero = self.scanner.runs(npages)
-            term = block_term(self.view[:length], block)
-            self.sum.add(term)
-            header = wire.encode_packet(
-                PacketKind.PAGES, seq=self.seq, round=round, offset=offset, runs=runs,
-                page_size=page, flags=_FULL,
-                digest=term_bytes(term))
-            parts = [header]
-            for start, n, kind in runs:
-                if kind == RunKind.DATA:
-                    parts.append(self.view[start * page:(start + n) * page])
-                    sent += n * page
+        length = s.block_len(block)
+        npages = -(-length // page)
+        runs, zero = self.scanner.runs(window, at, length)
+        term = block_term(view[at:at + length], block)
+        self.sum.add(term)
+        parts = [wire.encode_packet(PacketKind.PAGES, seq=self.seq, round=round,
+                                    offset=block * s.block_bytes, runs=runs, page_size=page,
+                                    flags=_FULL, digest=term_bytes(term))]
+        for first, n, kind in runs:
+            if kind == RunKind.DATA:
+                lo, hi = at + first * page, at + min((first + n) * page, length)
+                parts.append(view[lo:hi])
+                if hi - lo < n * page:  # the image's partial last page travels zero-padded
+                    parts.append(bytes(n * page - (hi - lo)))
+        try:
             self.conn.send_parts(parts)
-            self.seq += 1
-            c = self.counters
-            c.packets += 1
-            c.blocks += 1
-            c.pages += npages
-            c.zero_pages += zero
-            c.payload_bytes = c.payload_bytes + (npages - zero) * page
-            c.image_bytes += length
-        return sent
+        finally:
+            parts.clear()  # release the window's views before it is unmapped, failure or not
+        self.seq += 1
+        c = self.counters
+        c.packets += 1
+        c.blocks += 1
+        c.pages += npages
+        c.zero_pages += zero
+        c.payload_bytes += (npages - zero) * page
+        c.image_bytes += length
+        return (npages - zero) * page
 
     def send_marker(self, kind: PacketKind, round: int) -> None:
         self.conn.send_all(wire.encode_packet(kind, seq=self.seq, round=round))

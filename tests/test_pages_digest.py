@@ -32,7 +32,7 @@ def naive_runs(buf, page_size: int, npages: int):
 
 
 def check_scan(buf, page_size: int, npages: int):
-    runs, nzero = PageScanner(buf, page_size).runs(npages)
+    runs, nzero = PageScanner(page_size, len(buf)).runs(buf, 0, npages * page_size)
     # Structure: runs tile [0, npages) exactly, each non-empty, kinds alternate.
     assert runs, "no runs"
     pos = 0
@@ -157,14 +157,15 @@ def test_npages_smaller_than_the_buffer_ignores_the_rest():
 
 def test_scanner_is_reusable_and_sees_buffer_changes():
     buf = bytearray(8 * 4096)
-    scanner = PageScanner(buf, 4096)
-    assert scanner.runs(8) == (((0, 8, Z),), 8)
+    scanner = PageScanner(4096, len(buf))
+    size = len(buf)
+    assert scanner.runs(buf, 0, size) == (((0, 8, Z),), 8)
     buf[3 * 4096 + 100] = 9
-    assert scanner.runs(8) == (((0, 3, Z), (3, 1, D), (4, 4, Z)), 7)
+    assert scanner.runs(buf, 0, size) == (((0, 3, Z), (3, 1, D), (4, 4, Z)), 7)
     buf[3 * 4096 + 100] = 0
     buf[:8] = b"\1" * 8
-    assert scanner.runs(8) == (((0, 1, D), (1, 7, Z)), 7)
-    assert scanner.runs(8) == naive_runs(buf, 4096, 8)
+    assert scanner.runs(buf, 0, size) == (((0, 1, D), (1, 7, Z)), 7)
+    assert scanner.runs(buf, 0, size) == naive_runs(buf, 4096, 8)
 
 
 # ------------------------------------------------------------------------------------ digest
@@ -290,3 +291,19 @@ def test_merge_equals_adding_terms():
     a.merge(DigestSum())
     assert a.digest() == whole.digest()
     assert DigestSum(5).value == 5
+
+
+def test_scanner_on_an_mmap_window_at_an_offset_with_a_partial_last_page(tmp_path):
+    import mmap
+    rng = random.Random(5)
+    data = bytearray(rng.randbytes(20 * 4096 + 100))
+    data[4096:3 * 4096] = bytes(2 * 4096)
+    data[19 * 4096:] = bytes(4096 + 100)  # the last full page and the partial page are zero
+    path = tmp_path / "img"
+    path.write_bytes(bytes(data))
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as window:
+        scanner = PageScanner(4096, 16 * 4096)
+        # block of 8 pages starting at page 0
+        assert scanner.runs(window, 0, 8 * 4096) == (((0, 1, D), (1, 2, Z), (3, 5, D)), 2)
+        # the last block: pages 16..20, the last one partial (100 bytes) and zero
+        assert scanner.runs(window, 16 * 4096, 4 * 4096 + 100) == (((0, 3, D), (3, 2, Z)), 2)
