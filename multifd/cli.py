@@ -121,6 +121,7 @@ def run(prog: str, side: str, main, json_mode: bool) -> int:
     # Everything imported so far lives as long as the process: keep it out of the collector's
     # full passes, which otherwise rescan it on the hot path.
     gc.freeze()
+    gc.enable()
     try:
         report = trio.run(_with_sigterm, main)
     except BaseException as exc:  # noqa: B036 - everything ends here, as one line
