@@ -96,6 +96,11 @@ class OutputFile:
             raise UsageError(f"cannot create a file in {directory}: {exc.strerror}") from None
         self._committed = False
         try:
+            # mkstemp makes the file private (0600); the output gets the mode a new file
+            # would get from the umask, like cp's.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(self.fd, 0o666 & ~umask)
             os.ftruncate(self.fd, size)
         except OSError as exc:
             self.discard()

@@ -16,6 +16,7 @@ reads the peer's reason when ours is only "the connection broke".
 
 from __future__ import annotations
 
+import os
 import socket
 import uuid
 from contextlib import asynccontextmanager
@@ -49,9 +50,9 @@ def _reason(exc: OSError) -> str:
     cause = exc.__cause__
     while isinstance(cause, BaseExceptionGroup):
         cause = cause.exceptions[0]
-    if exc.strerror is None and isinstance(cause, OSError):
+    if exc.errno is None and isinstance(cause, OSError):
         exc = cause
-    return exc.strerror or str(exc)
+    return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
 async def dial(host: str, port: int, hello: wire.Hello, timeouts: Timeouts) -> Conn:

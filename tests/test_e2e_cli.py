@@ -50,6 +50,9 @@ def test_size_not_a_multiple_of_the_page_size(make_image, tmp_path):
     out = str(tmp_path / "out.img")
     sent, received = migrate(image, out, "--channels", "3")
     assert os.path.getsize(out) == size
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out).st_mode & 0o777 == 0o666 & ~umask  # as a new file, not mkstemp's 0600
     with open(image, "rb") as a, open(out, "rb") as b:
         assert a.read() == b.read()
     assert received["pages"] == -(-size // 4096)
