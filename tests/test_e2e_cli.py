@@ -6,11 +6,12 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import time
 
 import pytest
 
-from conftest import files_in, run_sender, start_receiver
+from conftest import cli, files_in, run_sender, start_receiver
 
 MiB = 1 << 20
 
@@ -170,9 +171,6 @@ def test_receiver_usage_errors(tmp_path):
             (["--listen", "nowhere", "--discard"], "does not parse"),
             (["--listen", "127.0.0.1:0"], "OUTPUT or --discard"),
         ]
-        import subprocess
-
-        from conftest import cli
         for args, expected in cases:
             result = subprocess.run([*cli("recv"), *args], capture_output=True, text=True,
                                     timeout=30)
@@ -183,17 +181,20 @@ def test_receiver_usage_errors(tmp_path):
     assert files_in(tmp_path) == ["afile"]
 
 
-def test_killed_sender_leaves_nothing_and_receiver_exits_1(make_image, tmp_path):
-    import subprocess
-
-    from conftest import cli
+def slow_migration(make_image, tmp_path):
+    """A migration under way for about 4 s (16 MiB at 4 MB/s) into tmp_path/out."""
     image = make_image(16 * MiB)
     outdir = tmp_path / "out"
     outdir.mkdir()
     recv = start_receiver(str(outdir / "guest.img"))
     sender = subprocess.Popen([*cli("send"), recv.address, image, "--quiet",
                                "--max-bandwidth", "4MB/s"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return recv, sender, outdir
+
+
+def test_killed_sender_leaves_nothing_and_receiver_exits_1(make_image, tmp_path):
+    recv, sender, outdir = slow_migration(make_image, tmp_path)
     try:
         time.sleep(1.5)  # mid-transfer: 16 MiB at 4 MB/s takes about 4 s
         assert sender.poll() is None
@@ -216,9 +217,6 @@ def test_strangers_are_dropped_and_the_migration_completes(make_image, tmp_path)
     image = make_image(12 * MiB)
     out = str(tmp_path / "guest.img")
     recv = start_receiver(out, "--handshake-timeout", "1")
-    import subprocess
-
-    from conftest import cli
     sender = subprocess.Popen([*cli("send"), recv.address, image, "--quiet",
                                "--max-bandwidth", "4MB/s"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -252,16 +250,7 @@ def test_strangers_are_dropped_and_the_migration_completes(make_image, tmp_path)
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_to_the_receiver_cancels_cleanly(make_image, tmp_path, sig, code):
-    import subprocess
-
-    from conftest import cli
-    image = make_image(16 * MiB)
-    outdir = tmp_path / "out"
-    outdir.mkdir()
-    recv = start_receiver(str(outdir / "guest.img"))
-    sender = subprocess.Popen([*cli("send"), recv.address, image, "--quiet",
-                               "--max-bandwidth", "4MB/s"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    recv, sender, outdir = slow_migration(make_image, tmp_path)
     try:
         time.sleep(1.5)
         assert any(name.endswith(".part") for name in files_in(outdir))

@@ -11,6 +11,7 @@ import functools
 import os
 import sys
 import uuid
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -198,49 +199,46 @@ async def _recv_exactly(stream, n):
     return buf
 
 
-async def test_one_rejected_channel_fails_setup_and_closes_the_rest(clean, image):
+@asynccontextmanager
+async def fake_receiver(**behaviour):
+    """A port served by _fake_receiver for the body's duration, bounded by 10 s."""
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    port = listener.socket.getsockname()[1]
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(functools.partial(_fake_receiver, listener, reject_channel=5))
-            with pytest.raises(E.RemoteProtocolError) as info:
-                await send_image("127.0.0.1", port, image, channels=8, timeouts=FAST)
+            nursery.start_soon(functools.partial(_fake_receiver, listener, **behaviour))
+            yield listener.socket.getsockname()[1]
             nursery.cancel_scope.cancel()
     await listener.aclose()
+
+
+async def test_one_rejected_channel_fails_setup_and_closes_the_rest(clean, image):
+    async with fake_receiver(reject_channel=5) as port:
+        with pytest.raises(E.RemoteProtocolError) as info:
+            await send_image("127.0.0.1", port, image, channels=8, timeouts=FAST)
     assert info.value.channel == "data channel 5" and info.value.stage == "hello"
 
 
-async def test_cancel_while_the_receiver_stopped_reading(clean, tmp_path):
+@pytest.fixture
+def big_image(tmp_path):
+    big = tmp_path / "big"
+    big.write_bytes(os.urandom(64 << 20))
+    return str(big)
+
+
+async def test_cancel_while_the_receiver_stopped_reading(clean, big_image):
     """QEMU's cancel hang: every sender blocked in send; cancellation must unblock them all."""
-    big = tmp_path / "big"
-    big.write_bytes(os.urandom(64 << 20))
-    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    port = listener.socket.getsockname()[1]
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_fake_receiver, listener)
-            with trio.move_on_after(1.0) as scope:
-                await send_image("127.0.0.1", port, str(big), channels=4,
-                                 timeouts=Timeouts(connect=2, handshake=2, idle=60))
-            assert scope.cancelled_caught
-            nursery.cancel_scope.cancel()
-    await listener.aclose()
+    async with fake_receiver() as port:
+        with trio.move_on_after(1.0) as scope:
+            await send_image("127.0.0.1", port, big_image, channels=4,
+                             timeouts=Timeouts(connect=2, handshake=2, idle=60))
+        assert scope.cancelled_caught
 
 
-async def test_silent_receiver_times_out_naming_channel_and_stage(clean, tmp_path):
-    big = tmp_path / "big"
-    big.write_bytes(os.urandom(64 << 20))
-    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    port = listener.socket.getsockname()[1]
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_fake_receiver, listener)
-            with pytest.raises(E.PeerTimeout) as info:
-                await send_image("127.0.0.1", port, str(big), channels=2,
-                                 timeouts=Timeouts(connect=2, handshake=2, idle=1))
-            nursery.cancel_scope.cancel()
-    await listener.aclose()
+async def test_silent_receiver_times_out_naming_channel_and_stage(clean, big_image):
+    async with fake_receiver() as port:
+        with pytest.raises(E.PeerTimeout) as info:
+            await send_image("127.0.0.1", port, big_image, channels=2,
+                             timeouts=Timeouts(connect=2, handshake=2, idle=1))
     assert info.value.stage == "data" and info.value.channel.startswith("data channel")
 
 
