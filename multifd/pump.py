@@ -58,7 +58,7 @@ class BlockSender:
         page = s.page_size
         length = s.block_len(block)
         npages = -(-length // page)
-        runs, zero = self.scanner.runs(window, at, length)
+        runs, zero = self.scanner.runs(view, at, length)
         term = block_term(view[at:at + length], block)
         self.sum.add(term)
         parts = [wire.encode_packet(PacketKind.PAGES, seq=self.seq, round=round,
