@@ -157,3 +157,17 @@ def usage_guard(prog: str, json_mode: bool, side: str, fn):
         if json_mode:
             print(Report(side, ok=False, error=str(exc)).to_json(), flush=True)
         raise SystemExit(2) from None
+
+
+def exit_now(code: int) -> None:
+    """End the process without the interpreter's teardown (about 60 ms of the sender's run).
+
+    Only for the console entry points, once main() has returned: by then every file and
+    socket has been closed by the scope that opened it, so only the output streams remain.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, ValueError):
+            pass
+    os._exit(code)

@@ -64,5 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     return cli.run(PROG, "receiver", functools.partial(_serve, host, port, args), args.json)
 
 
+def entry() -> None:
+    """The console script: main(), then a fast exit."""
+    cli.exit_now(main())
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()

@@ -57,5 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     return cli.run(PROG, "sender", main_fn, args.json)
 
 
+def entry() -> None:
+    """The console script: main(), then a fast exit."""
+    cli.exit_now(main())
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()
