@@ -116,7 +116,9 @@ class Conn:
     def recv_exactly(self, view: memoryview, what: str) -> None:
         recv_into = self.sock.recv_into
         while view:
-            n = recv_into(view)
+            # MSG_WAITALL: one system call (and one GIL hand-off) per packet part instead of
+            # one per socket-buffer's worth; the kernel still returns early on a timeout.
+            n = recv_into(view, 0, socket.MSG_WAITALL)
             if n == 0:
                 raise E.PeerClosed(f"connection closed by the peer while waiting for {what}")
             view = view[n:]
