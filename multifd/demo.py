@@ -54,7 +54,7 @@ def main() -> int:
             return 1
         same = filecmp.cmp(image, out, shallow=False)
         print(f"demo: output {'identical to' if same else 'DIFFERS from'} the input "
-              f"(byte-for-byte comparison)")
+              f"(byte-for-byte comparison; the demo's files are removed now)")
         return 0 if same else 1
 
 
