@@ -15,9 +15,17 @@ a zero run that reaches it; alone it is sent as data (its bytes are zero either 
 
 from __future__ import annotations
 
+import functools
+
 from .wire import RunKind
 
 _ZERO_WORD = bytes(8)
+
+
+@functools.lru_cache(maxsize=4)
+def zeros(size: int) -> bytes:
+    """A shared, immutable run of zero bytes (one per size, not one per channel)."""
+    return bytes(size)
 
 
 class PageScanner:
@@ -25,7 +33,7 @@ class PageScanner:
 
     def __init__(self, page_size: int, max_bytes: int) -> None:
         self.page_size = page_size
-        self._zeros = bytes(max_bytes)
+        self._zeros = zeros(max_bytes)
 
     def runs(self, view: memoryview, start: int, length: int
              ) -> tuple[tuple[tuple[int, int, int], ...], int]:

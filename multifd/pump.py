@@ -14,7 +14,7 @@ from . import wire
 from .conn import Conn
 from .digest import DigestSum, block_term, term_bytes
 from .image import OutputFile, SourceImage
-from .pages import PageScanner
+from .pages import PageScanner, zeros
 from .wire import PacketKind, RunKind
 
 
@@ -96,7 +96,7 @@ class BlockReceiver:
         self.output = output
         self.buf = bytearray(session.block_bytes)
         self.view = memoryview(self.buf)
-        self.zeros = memoryview(bytes(session.block_bytes))
+        self.zeros = memoryview(zeros(session.block_bytes))
         self.head = bytearray(wire.PACKET.size)
         self.runs = bytearray(wire.RUN.size * session.block_pages)
         self.seq = 0

@@ -339,8 +339,8 @@ def test_hello_reply_bad_version_status_raises_bad_version():
 CONTROL_MESSAGES = [
     S,
     Session(1),
-    Session(W.MAX_IMAGE_SIZE, 65536, 1024),  # exactly 64 MiB per packet, largest image
-    Session(12345, 512, 65535),
+    Session(W.MAX_IMAGE_SIZE, 65536, 128),  # exactly 8 MiB per packet, largest image
+    Session(12345, 512, 16384),
     Ready(),
     Complete(3, 1 << 40, 1 << 50, 7, DIGEST),
     Complete(0, 0, 0, 0, bytes(16)),
@@ -403,7 +403,7 @@ def test_encode_control_rejects_non_messages():
 
 
 @pytest.mark.parametrize("args", [(0, 4096, 128), (1, 1000, 128), (1, 4096, 0),
-                                  (1, 65536, 1025), (W.MAX_IMAGE_SIZE + 1, 4096, 128)])
+                                  (1, 65536, 129), (W.MAX_IMAGE_SIZE + 1, 4096, 128)])
 def test_session_constructor_validates_locally(args):
     with pytest.raises(E.LocalProtocolError):
         Session(*args)
@@ -713,8 +713,8 @@ CONTROL_ERRORS = {
                       [r"\b0 pages"], [r"\b65535 pages"]),
     "block-pages-65536": (frame_raw(CT.SESSION, session_body(page=512, block_pages=65536)),
                           E.LimitExceeded, [r"\b65536 pages"], [r"\b65535 pages"]),
-    "block-too-large": (frame_raw(CT.SESSION, session_body(page=65536, block_pages=1025)),
-                        E.LimitExceeded, [r"\b1025 pages of 65536 bytes"], [r"\b67108864\b"]),
+    "block-too-large": (frame_raw(CT.SESSION, session_body(page=65536, block_pages=129)),
+                        E.LimitExceeded, [r"\b129 pages of 65536 bytes"], [r"\b8388608\b"]),
     "image-size-0": (frame_raw(CT.SESSION, session_body(size=0)), E.LimitExceeded,
                      [r"image size 0\b"], [rf"1\.\.{1 << 56}\b"]),
     "image-size-too-big": (frame_raw(CT.SESSION, session_body(size=(1 << 56) + 1)),
