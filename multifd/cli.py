@@ -18,7 +18,7 @@ import trio
 
 from . import control
 from .conn import collapse_group, first_error
-from .errors import MultifdError, Terminated, UsageError
+from .errors import Interrupted, MultifdError, Terminated, UsageError
 from .report import Report, human_bytes
 from .settings import Timeouts
 
@@ -43,8 +43,8 @@ def positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    if not 0.001 <= value <= 86400:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds in 0.001..86400")
     return value
 
 
@@ -99,18 +99,28 @@ def progress_printer(label: str, enabled: bool):
     return progress
 
 
-async def _with_sigterm(main):
-    """Run main(); SIGTERM becomes a Terminated error that cancels it like any failure."""
+_SIGNALS = {signal.SIGINT: (Interrupted, "interrupted"),
+            signal.SIGTERM: (Terminated, "terminated by SIGTERM")}
 
-    async def watch_sigterm():
-        with trio.open_signal_receiver(signal.SIGTERM) as signals:
-            async for _ in signals:
-                control.cancel_reason.set("terminated by SIGTERM")
-                raise Terminated("terminated by SIGTERM")
+
+async def _with_signals(main):
+    """Run main(); SIGINT and SIGTERM become errors that cancel it like any failure.
+
+    trio's own KeyboardInterrupt cannot reach a task that waits for a worker thread; a
+    signal receiver's task can always run, and its error cancels every scope, which shuts
+    the sockets down and so ends the threads.
+    """
+
+    async def watch_signals():
+        with trio.open_signal_receiver(*_SIGNALS) as signals:
+            async for signum in signals:
+                error, text = _SIGNALS[signum]
+                control.cancel_reason.set(text)
+                raise error(text)
 
     with collapse_group():
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch_sigterm)
+            nursery.start_soon(watch_signals)
             report = await main()
             nursery.cancel_scope.cancel()
     return report
@@ -123,7 +133,7 @@ def run(prog: str, side: str, main, json_mode: bool) -> int:
     gc.freeze()
     gc.enable()
     try:
-        report = trio.run(_with_sigterm, main)
+        report = trio.run(_with_signals, main)
     except BaseException as exc:  # noqa: B036 - everything ends here, as one line
         err = first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
         if isinstance(err, KeyboardInterrupt):
@@ -136,8 +146,7 @@ def run(prog: str, side: str, main, json_mode: bool) -> int:
             if os.environ.get("MULTIFD_DEBUG"):
                 traceback.print_exception(exc)
             code, text = 1, f"internal error: {err!r} (MULTIFD_DEBUG=1 shows a traceback)"
-        print(f"{prog}: {side}: {text}" if side not in text else f"{prog}: {text}",
-              file=sys.stderr, flush=True)
+        print(f"{prog}: {side}: {text}", file=sys.stderr, flush=True)
         if json_mode:
             print(Report(side, ok=False, error=text).to_json(), flush=True)
         return code

@@ -65,6 +65,9 @@ class collapse_group:
 # between them; `_busy` turns such a bug into an immediate error instead.
 
 
+IOV_BATCH = 512
+
+
 class Conn:
     def __init__(self, sock: socket.socket, label: str, *, side: str, timeout: float) -> None:
         self.sock = sock
@@ -97,7 +100,12 @@ class Conn:
         self.sock.sendall(data)
 
     def send_parts(self, parts: list) -> None:
-        """Send header and payload views in one system call when the kernel takes them all."""
+        """Send header and payload views with one system call per IOV_BATCH parts (a packet
+        of alternating data and zero pages has hundreds of them; the kernel takes 1024)."""
+        for i in range(0, len(parts), IOV_BATCH):
+            self._send_group(parts[i:i + IOV_BATCH])
+
+    def _send_group(self, parts: list) -> None:
         part = None
         try:
             sent = self.sock.sendmsg(parts)
@@ -112,6 +120,7 @@ class Conn:
             # A traceback keeps this frame alive: it must not keep a view of the sender's
             # mapped window alive too, or the window could not be unmapped.
             part = None
+            parts = None
 
     def recv_exactly(self, view: memoryview, what: str) -> None:
         recv_into = self.sock.recv_into

@@ -21,6 +21,11 @@ EXPLAIN_GRACE = 2.0
 cancel_reason = trio.lowlevel.RunVar("cancel_reason", default="cancelled")  # how long a side waits for its peer's reason after a broken channel
 
 
+def _printable(text: str) -> str:
+    """The peer's words go to our terminal: no control characters or escape sequences."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
 def _recv_message(conn: Conn) -> wire.ControlMessage:
     decoder = wire.ControlDecoder()
     while (msg := decoder.next_message()) is None:
@@ -33,10 +38,14 @@ async def send(conn: Conn, stage: str, msg: wire.ControlMessage) -> None:
 
 
 async def receive(conn: Conn, stage: str, expected: type, peer: str):
-    """The next message, which must be `expected`; a peer's ERROR becomes PeerError."""
-    msg = await conn.run(stage, _recv_message, conn)
+    """The next message, which must be `expected`; a peer's ERROR becomes PeerError.
+
+    WORKING messages in between are skipped: each one restarts the idle timeout."""
+    while isinstance(msg := await conn.run(stage, _recv_message, conn), wire.Working):
+        pass
     if isinstance(msg, wire.ErrorMessage):
-        raise E.PeerError(f"{peer} failed: {msg.text}", side=conn.side, stage=stage)
+        raise E.PeerError(f"{peer} failed: {_printable(msg.text)}", side=conn.side,
+                          stage=stage)
     if not isinstance(msg, expected):
         raise E.RemoteProtocolError(
             f"got {type(msg).__name__} (expected {expected.__name__})", side=conn.side,
@@ -50,6 +59,7 @@ def error_code(err: BaseException) -> wire.ErrorCode:
                       (E.ImageError, wire.ErrorCode.IMAGE),
                       (E.PeerTimeout, wire.ErrorCode.TIMEOUT),
                       (E.Terminated, wire.ErrorCode.CANCELLED),
+                      (E.Interrupted, wire.ErrorCode.CANCELLED),
                       (trio.Cancelled, wire.ErrorCode.CANCELLED),
                       (KeyboardInterrupt, wire.ErrorCode.CANCELLED)):
         if isinstance(err, cls):
@@ -60,15 +70,15 @@ def error_code(err: BaseException) -> wire.ErrorCode:
 async def conclude_failure(conn: Conn | None, err: BaseException, peer: str) -> BaseException:
     """Exchange reasons with the peer after a failure; return the error to report.
 
-    If our error only says the peer went away, the peer's own explanation (if it sent one in
-    time) is the better report. Otherwise we send ours, so the peer can say why. Runs shielded
+    If our error only says the peer went away (PeerClosed), the peer's own explanation (if it
+    sent one in time) is the better report. Otherwise we send ours, so the peer can say why. Runs shielded
     and bounded: it is cleanup, and cleanup must neither hang nor be cut short by the
     cancellation that brought us here.
     """
     if conn is None or isinstance(err, E.PeerError):
         return err
     with trio.CancelScope(shield=True):
-        if isinstance(err, E.TransportError):
+        if isinstance(err, E.PeerClosed):
             # A socket timeout, not a cancel scope, bounds this read: cancelling would shut the
             # socket down, and we may still need it to send our own reason.
             conn.set_timeout(EXPLAIN_GRACE)
@@ -78,15 +88,21 @@ async def conclude_failure(conn: Conn | None, err: BaseException, peer: str) -> 
                 except (E.MultifdError, OSError):
                     msg = None
                 if isinstance(msg, wire.ErrorMessage):
-                    explained = E.PeerError(f"{peer} failed: {msg.text}", side=conn.side)
+                    explained = E.PeerError(f"{peer} failed: {_printable(msg.text)}",
+                                            side=conn.side)
                     explained.__cause__ = err
                     return explained
-        with trio.move_on_after(EXPLAIN_GRACE):
-            text = (str(err) if isinstance(err, E.MultifdError) else
-                    "interrupted" if isinstance(err, KeyboardInterrupt) else cancel_reason.get())
-            try:
-                await conn.run("explain", conn.send_all,
-                               wire.encode_control(wire.ErrorMessage(error_code(err), text)))
-            except (E.MultifdError, OSError):
-                pass
+        await tell_peer(conn, err)
     return err
+
+
+async def tell_peer(conn: Conn, err: BaseException) -> None:
+    """Send our reason on the control channel: best effort, shielded, bounded."""
+    text = (str(err) if isinstance(err, E.MultifdError) else
+            "interrupted" if isinstance(err, KeyboardInterrupt) else cancel_reason.get())
+    with trio.CancelScope(shield=True), trio.move_on_after(EXPLAIN_GRACE):
+        try:
+            await conn.run("explain", conn.send_all,
+                           wire.encode_control(wire.ErrorMessage(error_code(err), text)))
+        except (E.MultifdError, OSError):
+            pass

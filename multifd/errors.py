@@ -113,6 +113,12 @@ class ImageError(MultifdError):
 
 
 class Terminated(MultifdError):
-    """SIGTERM: cancel cleanly, like Ctrl-C, and exit 143."""
+    """SIGTERM: cancel cleanly and exit 143."""
 
     exit_code = 143
+
+
+class Interrupted(MultifdError):
+    """SIGINT (Ctrl-C): cancel cleanly and exit 130."""
+
+    exit_code = 130

@@ -21,6 +21,13 @@ class SourceImage:
     def __init__(self, path: str) -> None:
         self.path = path
         try:
+            mode = os.stat(path).st_mode
+        except OSError as exc:
+            raise UsageError(f"cannot open image {path}: {exc.strerror}") from None
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode) or stat.S_ISDIR(mode)):
+            # A FIFO or a character device would block or cannot be mapped.
+            raise UsageError(f"image {path} is not a regular file or a block device")
+        try:
             self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except OSError as exc:
             raise UsageError(f"cannot open image {path}: {exc.strerror}") from None
@@ -68,8 +75,12 @@ class SourceImage:
 
 def check_output_path(path: str) -> None:
     """Fail early, before any network wait, if OUTPUT can never be written."""
+    if not path:
+        raise UsageError("output path is empty")
     if os.path.isdir(path):
         raise UsageError(f"output {path} is a directory")
+    if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+        raise UsageError(f"output {path} exists and is not a regular file")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise UsageError(f"output directory {parent} does not exist")

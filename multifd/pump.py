@@ -90,7 +90,15 @@ class BlockSender:
 
 
 class BlockReceiver:
-    def __init__(self, conn: Conn, session: wire.Session, output: OutputFile | None) -> None:
+    """One data channel's receiving end.
+
+    `seen` is shared by every channel of the migration: one byte per block, set (never
+    incremented, so no two threads race on a read-modify-write) when a block arrives. With
+    the block count it proves every block arrived exactly once (1 byte per 512 KiB block).
+    """
+
+    def __init__(self, conn: Conn, session: wire.Session, output: OutputFile | None,
+                 seen: bytearray) -> None:
         self.conn = conn
         self.session = session
         self.output = output
@@ -99,6 +107,7 @@ class BlockReceiver:
         self.zeros = memoryview(zeros(session.block_bytes))
         self.head = bytearray(wire.PACKET.size)
         self.runs = bytearray(wire.RUN.size * session.block_pages)
+        self.seen = seen
         self.seq = 0
         self.sum = DigestSum()
         self.counters = Counters()
@@ -143,6 +152,7 @@ class BlockReceiver:
                     f"packet {h.seq} (offset {h.offset}): checksum {term:032x} "
                     f"(expected {h.digest.hex()})")
             self.sum.add(term)
+            self.seen[block] = 1
             if self.output is not None:
                 for start, n, kind in runs:
                     if kind == RunKind.DATA:

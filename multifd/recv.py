@@ -84,17 +84,46 @@ async def _receive_channel(receiver: BlockReceiver, barrier: RoundBarrier,
         round += 1
 
 
+async def _commit(ctl, output: OutputFile, timeouts: Timeouts) -> None:
+    """fsync and rename, telling the sender every idle/3 s that we are still at it.
+
+    The keepalive task is never cancelled in the middle of a send (that would shut the
+    control channel down before DONE): it is told to stop and finishes its current send.
+    """
+    committed = trio.Event()
+
+    async def keepalive() -> None:
+        while True:
+            with trio.move_on_after(timeouts.idle / 3):
+                await committed.wait()
+            if committed.is_set():
+                return
+            await control.send(ctl, "finish", wire.Working())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(keepalive)
+        try:
+            await trio.to_thread.run_sync(output.commit)
+        finally:
+            committed.set()
+
+
 def _verify(session: wire.Session, complete: wire.Complete, counters: Counters,
-            total: DigestSum, rounds: set[int]) -> None:
+            total: DigestSum, rounds: set[int], seen: bytearray) -> None:
     def fail(message: str) -> None:
         raise E.VerificationError(message, side=SIDE, stage="verify")
 
-    if rounds != {complete.rounds}:
-        fail(f"channels ended after rounds {sorted(rounds)} (sender says {complete.rounds})")
-    if counters.blocks != session.nblocks:
-        fail(f"received {counters.blocks} of {session.nblocks} blocks")
-    if counters.packets != complete.packets:
-        fail(f"received {counters.packets} packets (sender sent {complete.packets})")
+    if complete.rounds < 1 or rounds != {complete.rounds}:
+        fail(f"channels ended after rounds {sorted(rounds)} (sender says {complete.rounds}; "
+             f"expected at least 1)")
+    if counters.blocks != session.nblocks or seen.count(0):
+        fail(f"received {counters.blocks} blocks covering {session.nblocks - seen.count(0)} "
+             f"of the {session.nblocks} blocks (expected each exactly once)")
+    for name, got, announced in (("packets", counters.packets, complete.packets),
+                                 ("pages", counters.pages, complete.pages),
+                                 ("zero pages", counters.zero_pages, complete.zero_pages)):
+        if got != announced:
+            fail(f"received {got} {name} (sender announced {announced})")
     if total.digest() != complete.digest:
         fail(f"image digest {total.hexdigest()} (sender announced {complete.digest.hex()})")
 
@@ -106,7 +135,8 @@ async def _migrate(registry, output_path: str | None, timeouts: Timeouts,
     session = await control.receive(ctl, "setup", wire.Session, "sender")
     output = OutputFile(output_path, session.image_size) if output_path else None
     with output if output is not None else nullcontext():
-        receivers = [BlockReceiver(registry.data[i], session, output)
+        seen = bytearray(session.nblocks)
+        receivers = [BlockReceiver(registry.data[i], session, output, seen)
                      for i in range(registry.channels)]
         await control.send(ctl, "setup", wire.Ready())
         barrier = RoundBarrier(len(receivers))
@@ -128,9 +158,9 @@ async def _migrate(registry, output_path: str | None, timeouts: Timeouts,
         for r in receivers:
             total.merge(r.sum)
             counters.merge(r.counters)
-        _verify(session, complete, counters, total, rounds)
+        _verify(session, complete, counters, total, rounds, seen)
         if output is not None:
-            await trio.to_thread.run_sync(output.commit)
+            await _commit(ctl, output, timeouts)
         await control.send(ctl, "finish", wire.Done(session.image_size, total.digest()))
     return Report(SIDE, ok=True, bytes=session.image_size, payload_bytes=counters.payload_bytes,
                   pages=counters.pages, zero_pages=counters.zero_pages,

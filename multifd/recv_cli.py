@@ -54,7 +54,7 @@ async def _serve(host: str, port: int, args) -> cli.Report:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.discard == (args.output is not None):
+    if args.discard == (args.output is not None and args.output != ""):
         parser.error("give either OUTPUT or --discard")
     host, port = cli.usage_guard(PROG, args.json, "receiver",
                                  functools.partial(parse_address, args.listen))

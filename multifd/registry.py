@@ -25,7 +25,9 @@ from .address import format_address
 from .conn import Conn
 from .settings import Timeouts
 
-MAX_PENDING = 64  # connections still in their hello at once
+# Connections that have not yet sent a complete hello, at once: more than a whole migration's
+# (64 data channels and the control channel arrive together), few enough to bound a flood.
+MAX_PENDING = 128
 SIDE = "receiver"
 
 
@@ -44,12 +46,12 @@ class Registry:
         return "control" if hello.role is wire.Role.CONTROL else hello.channel
 
     def claim(self, hello: wire.Hello) -> wire.HelloStatus:
+        """Reserve the hello's slot. The session is named only by fill(), once the control
+        channel is established: a control hello that dies before its reply names nothing."""
         S = wire.HelloStatus
         if hello.role is wire.Role.CONTROL:
-            if self.session_id is not None:
+            if "control" in self._claimed:
                 return S.BUSY
-            self.session_id, self.channels = hello.session, hello.channels
-            self.session_known.set()
         elif hello.session != self.session_id:
             return S.UNKNOWN_SESSION
         elif hello.channels != self.channels:
@@ -65,6 +67,8 @@ class Registry:
     def fill(self, hello: wire.Hello, conn: Conn) -> None:
         if hello.role is wire.Role.CONTROL:
             self.control = conn
+            self.session_id, self.channels = hello.session, hello.channels
+            self.session_known.set()
         else:
             self.data[hello.channel] = conn
         if self.control is not None and len(self.data) == self.channels:
@@ -96,12 +100,25 @@ def _read_hello(conn: Conn) -> wire.Hello:
         raise
 
 
-async def _greet(sock: socket.socket, registry: Registry, timeouts: Timeouts, log) -> None:
+async def _greet(sock: socket.socket, pending: trio.CapacityLimiter, registry: Registry,
+                 timeouts: Timeouts, log) -> None:
+    """Read one hello and hand the connection to the registry, or drop it as a stranger.
+
+    The connection holds a `pending` slot until its hello is complete."""
     conn = Conn(sock, "connection", side=SIDE, timeout=timeouts.handshake)
     where = format_address(*conn.peer[:2]) if conn.peer else "unknown peer"
-    handed_over = False
+    handed_over = released = False
+    hello = None
     try:
-        hello = await conn.run("hello", _read_hello, conn)
+        # One deadline for the whole hello, not one per byte: a peer that trickles bytes
+        # must not hold its slot for ever.
+        with trio.move_on_after(timeouts.handshake):
+            hello = await conn.run("hello", _read_hello, conn)
+        if hello is None:
+            raise E.PeerTimeout(f"no complete hello within {timeouts.handshake:g}s",
+                                stage="hello")
+        pending.release_on_behalf_of(sock)
+        released = True
         conn.label = hello.label()
         if hello.role is wire.Role.DATA and not registry.session_known.is_set():
             with trio.move_on_after(timeouts.handshake):
@@ -124,6 +141,8 @@ async def _greet(sock: socket.socket, registry: Registry, timeouts: Timeouts, lo
     except E.MultifdError as exc:
         log(f"dropped {conn.label} from {where}: {exc.stage or 'hello'}: {exc.message}")
     finally:
+        if not released:
+            pending.release_on_behalf_of(sock)
         if not handed_over:
             conn.close()
 
@@ -132,7 +151,13 @@ async def _accept_loop(listener: trio.SocketListener, registry: Registry, timeou
                        log, nursery: trio.Nursery) -> None:
     pending = trio.CapacityLimiter(MAX_PENDING)
     while True:
-        stream = await listener.accept()
+        try:
+            stream = await listener.accept()
+        except OSError as exc:
+            # Out of descriptors or buffers: the migration in progress must not die of it.
+            log(f"cannot accept a connection: {exc.strerror or exc}; retrying")
+            await trio.sleep(0.1)
+            continue
         sock = socket.socket(fileno=stream.socket.detach())
         try:
             pending.acquire_on_behalf_of_nowait(sock)
@@ -140,14 +165,7 @@ async def _accept_loop(listener: trio.SocketListener, registry: Registry, timeou
             log(f"dropped a connection: {MAX_PENDING} connections already waiting for a hello")
             sock.close()
             continue
-        nursery.start_soon(_greet_within, pending, sock, registry, timeouts, log)
-
-
-async def _greet_within(pending: trio.CapacityLimiter, sock, registry, timeouts, log) -> None:
-    try:
-        await _greet(sock, registry, timeouts, log)
-    finally:
-        pending.release_on_behalf_of(sock)
+        nursery.start_soon(_greet, sock, pending, registry, timeouts, log)
 
 
 @asynccontextmanager

@@ -26,6 +26,7 @@ import trio
 from . import control
 from . import errors as E
 from . import wire
+from .address import format_address
 from .conn import Conn, collapse_group, first_error
 from .digest import DigestSum
 from .image import SourceImage
@@ -52,6 +53,8 @@ def _reason(exc: OSError) -> str:
         cause = cause.exceptions[0]
     if exc.errno is None and isinstance(cause, OSError):
         exc = cause
+    if isinstance(exc, socket.gaierror):  # name resolution: its errno is not an OS errno
+        return exc.strerror or str(exc)
     return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
@@ -62,10 +65,11 @@ async def dial(host: str, port: int, hello: wire.Hello, timeouts: Timeouts) -> C
         with trio.fail_after(timeouts.connect):
             stream = await trio.open_tcp_stream(host, port)
     except trio.TooSlowError:
-        raise E.PeerTimeout(f"no connection to {host}:{port} within {timeouts.connect:g}s",
+        raise E.PeerTimeout(f"no connection to {format_address(host, port)} within "
+                            f"{timeouts.connect:g}s",
                             side=SIDE, channel=label, stage="connect") from None
     except OSError as exc:
-        raise E.TransportError(f"cannot connect to {host}:{port}: {_reason(exc)}",
+        raise E.TransportError(f"cannot connect to {format_address(host, port)}: {_reason(exc)}",
                                side=SIDE, channel=label, stage="connect") from None
     conn = Conn(socket.socket(fileno=stream.socket.detach()), label, side=SIDE,
                 timeout=timeouts.handshake)
@@ -87,13 +91,18 @@ async def open_sender_channels(host: str, port: int, session_id: bytes, channels
         established[key] = await dial(host, port, hello, timeouts)
 
     try:
-        with collapse_group():
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(attempt, "control",
-                                   wire.Hello(wire.Role.CONTROL, session_id, 0, channels))
-                for i in range(channels):
-                    nursery.start_soon(attempt, i,
-                                       wire.Hello(wire.Role.DATA, session_id, i, channels))
+        try:
+            with collapse_group():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(attempt, "control",
+                                       wire.Hello(wire.Role.CONTROL, session_id, 0, channels))
+                    for i in range(channels):
+                        nursery.start_soon(attempt, i,
+                                           wire.Hello(wire.Role.DATA, session_id, i, channels))
+        except BaseException as exc:
+            if "control" in established:  # the receiver would otherwise wait and guess
+                await control.tell_peer(established["control"], exc)
+            raise
         yield established["control"], [established[i] for i in range(channels)]
     finally:
         for conn in established.values():
@@ -148,6 +157,13 @@ async def send_image(host: str, port: int, path: str, *, channels: int = 4,
             session = wire.Session(source.size, page_size, block_pages)
         except E.LocalProtocolError as exc:
             raise E.UsageError(exc.message) from None
+        if max_bandwidth and session.block_bytes / max_bandwidth > timeouts.idle / 2:
+            # Packets leave whole: at this rate the receiver would wait longer than its idle
+            # timeout between two of them.
+            raise E.UsageError(
+                f"--max-bandwidth {max_bandwidth:g} B/s is too low for "
+                f"{session.block_bytes}-byte packets with a {timeouts.idle:g}s idle timeout "
+                f"(use smaller --packet-pages or a longer --idle-timeout)")
         started = trio.current_time()
         session_id = uuid.uuid4().bytes
         async with open_sender_channels(host, port, session_id, channels, timeouts) as (

@@ -62,6 +62,7 @@ class ControlType(enum.IntEnum):
     COMPLETE = 3
     DONE = 4
     ERROR = 5
+    WORKING = 6
 
 
 class PacketKind(enum.IntEnum):
@@ -247,6 +248,11 @@ class Ready:
 
 
 @dataclass(frozen=True, slots=True)
+class Working:
+    """The receiver is still busy (syncing the output): keeps the sender's wait alive."""
+
+
+@dataclass(frozen=True, slots=True)
 class Complete:
     rounds: int
     packets: int
@@ -267,7 +273,7 @@ class ErrorMessage:
     text: str
 
 
-ControlMessage = Session | Ready | Complete | Done | ErrorMessage
+ControlMessage = Session | Ready | Working | Complete | Done | ErrorMessage
 
 
 def _frame(kind: ControlType, body: bytes = b"") -> bytes:
@@ -280,6 +286,8 @@ def encode_control(msg: ControlMessage) -> bytes:
             msg.image_size, msg.page_size, msg.block_pages, msg.digest, msg.compression, 0, 0))
     if isinstance(msg, Ready):
         return _frame(ControlType.READY)
+    if isinstance(msg, Working):
+        return _frame(ControlType.WORKING)
     if isinstance(msg, Complete):
         return _frame(ControlType.COMPLETE, COMPLETE.pack(
             msg.rounds, 0, msg.packets, msg.pages, msg.zero_pages, msg.digest))
@@ -296,6 +304,7 @@ def encode_control(msg: ControlMessage) -> bytes:
 _FIXED_BODY = {
     ControlType.SESSION: SESSION.size,
     ControlType.READY: 0,
+    ControlType.WORKING: 0,
     ControlType.COMPLETE: COMPLETE.size,
     ControlType.DONE: DONE.size,
 }
@@ -316,6 +325,8 @@ def _decode_body(kind: ControlType, body: bytes) -> ControlMessage:
         return Session(size, page, block_pages, digest, compression)
     if kind is ControlType.READY:
         return Ready()
+    if kind is ControlType.WORKING:
+        return Working()
     if kind is ControlType.COMPLETE:
         rounds, reserved, packets, pages, zero_pages, digest = COMPLETE.unpack(body)
         _canonical(reserved, 0, "COMPLETE")

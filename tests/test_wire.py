@@ -216,7 +216,7 @@ def test_hello_reply_layout():
 def test_hello_status_and_enum_values_match_the_document():
     assert [int(s) for s in HelloStatus] == [0, 1, 2, 3, 4, 5, 6]
     assert (Role.CONTROL, Role.DATA) == (1, 2)
-    assert [int(t) for t in W.ControlType] == [1, 2, 3, 4, 5]
+    assert [int(t) for t in W.ControlType] == [1, 2, 3, 4, 5, 6]
     assert (PacketKind.PAGES, PacketKind.SYNC, PacketKind.END) == (1, 2, 3)
     assert (RunKind.DATA, RunKind.ZERO) == (1, 2)
     assert [int(c) for c in ErrorCode] == [1, 2, 3, 4, 5, 6]
@@ -342,6 +342,7 @@ CONTROL_MESSAGES = [
     Session(W.MAX_IMAGE_SIZE, 65536, 128),  # exactly 8 MiB per packet, largest image
     Session(12345, 512, 16384),
     Ready(),
+    W.Working(),
     Complete(3, 1 << 40, 1 << 50, 7, DIGEST),
     Complete(0, 0, 0, 0, bytes(16)),
     Done(SIZE, DIGEST),
@@ -679,7 +680,7 @@ CONTROL_ERRORS = {
     "frame-reserved": (frame_raw(CT.READY, reserved=0x0100), E.RemoteProtocolError,
                        [r"\b256\b"], [r"expected zero"]),
     "type-0": (frame_raw(0), E.RemoteProtocolError, [r"type 0\b"], [r"expected"]),
-    "type-6": (frame_raw(6), E.RemoteProtocolError, [r"type 6\b"], [r"expected"]),
+    "type-7": (frame_raw(7), E.RemoteProtocolError, [r"type 7\b"], [r"expected"]),
     "type-255": (frame_raw(255), E.RemoteProtocolError, [r"type 255\b"], [r"expected"]),
     "length-4097-header-only": (frame_raw(CT.ERROR, length=4097), E.LimitExceeded,
                                 [r"\b4097\b"], [r"\b4096\b"]),
@@ -993,7 +994,7 @@ def _drain(data: bytes, chunks: list[int]) -> None:
             dec.feed(data[pos:pos + n])
             pos += n
             while (msg := dec.next_message()) is not None:
-                assert isinstance(msg, (Session, Ready, Complete, Done, ErrorMessage))
+                assert isinstance(msg, (Session, Ready, W.Working, Complete, Done, ErrorMessage))
             assert dec.bytes_needed() >= 1
     except E.MultifdError:
         pass
@@ -1008,7 +1009,7 @@ def test_hostile_control_random(data, chunks):
 # Frames with a valid-looking header and arbitrary bodies reach every body decoder.
 FRAMES = st.builds(
     lambda kind, body, hdr: W.FRAME.pack(kind, *hdr, len(body)) + body,
-    st.integers(0, 6),
+    st.integers(0, 7),
     st.one_of(st.binary(max_size=60), st.binary(min_size=24, max_size=24),
               st.binary(min_size=48, max_size=48),
               st.builds(lambda s, p, b, d, c: W.SESSION.pack(s, 1 << p, b, d, c, 0, 0),

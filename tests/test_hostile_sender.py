@@ -1,0 +1,103 @@
+"""A real multifd-recv against senders that break the rules, written with the wire module."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+import uuid
+
+from conftest import files_in, run_sender, start_receiver
+from multifd import wire
+from multifd.digest import DigestSum, block_term, term_bytes
+
+BLOCK = 512 * 1024
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, "receiver closed the connection"
+        data += chunk
+    return data
+
+
+def _connect(port: int, hello: wire.Hello) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+    sock.sendall(wire.encode_hello(hello))
+    assert wire.decode_hello_reply(_recv_exactly(sock, wire.HELLO_REPLY.size)) is \
+        wire.HelloStatus.OK
+    return sock
+
+
+def _open_migration(port: int, channels: int):
+    sid = uuid.uuid4().bytes
+    control = _connect(port, wire.Hello(wire.Role.CONTROL, sid, 0, channels))
+    data = [_connect(port, wire.Hello(wire.Role.DATA, sid, i, channels))
+            for i in range(channels)]
+    return control, data
+
+
+def _packet(session: wire.Session, block: int, content: bytes, seq: int) -> tuple[bytes, int]:
+    npages = -(-len(content) // session.page_size)
+    term = block_term(content, block)
+    head = wire.encode_packet(wire.PacketKind.PAGES, seq=seq, round=0,
+                              offset=block * session.block_bytes,
+                              runs=((0, npages, wire.RunKind.DATA),),
+                              page_size=session.page_size, flags=3, digest=term_bytes(term))
+    return head + content, term
+
+
+def test_a_duplicated_block_cannot_stand_in_for_a_missing_one(tmp_path):
+    recv = start_receiver(str(tmp_path / "out.img"), "--idle-timeout", "5")
+    control, data = _open_migration(recv.port, 2)
+    try:
+        session = wire.Session(2 * BLOCK)
+        control.sendall(wire.encode_control(session))
+        content = os.urandom(BLOCK)
+        total = DigestSum()
+        for sock in data:  # block 0 on both channels, block 1 never: the counts still add up
+            packet, term = _packet(session, 0, content, seq=0)
+            total.add(term)
+            sock.sendall(packet + wire.encode_packet(wire.PacketKind.SYNC, seq=1, round=0)
+                         + wire.encode_packet(wire.PacketKind.END, seq=2, round=1))
+        control.sendall(wire.encode_control(wire.Complete(1, 2, 256, 0, total.digest())))
+        rc, _, stderr = recv.finish(timeout=20)
+    finally:
+        for sock in (control, *data):
+            sock.close()
+    assert rc == 1
+    assert "covering 1 of the 2 blocks (expected each exactly once)" in stderr, stderr
+    assert files_in(tmp_path) == []
+
+
+def test_ctrl_c_while_waiting_on_the_control_channel(tmp_path):
+    """SIGINT must not wait for a blocked worker thread: exit 130 at once, nothing left."""
+    recv = start_receiver(str(tmp_path / "out.img"), "--idle-timeout", "30")
+    control, data = _open_migration(recv.port, 1)  # ... and never send SESSION
+    try:
+        time.sleep(0.3)
+        recv.proc.send_signal(signal.SIGINT)
+        start = time.monotonic()
+        rc, _, stderr = recv.finish(timeout=20)
+        assert time.monotonic() - start < 5
+    finally:
+        control.close()
+        data[0].close()
+    assert rc == 130 and "interrupted" in stderr and "Traceback" not in stderr, stderr
+    assert files_in(tmp_path) == []
+
+
+def test_sixty_four_channels_at_once(make_image, tmp_path):
+    """65 connections arrive together: none may be turned away as a flood."""
+    image = make_image(8 << 20, "mixed")
+    for attempt in range(3):
+        out = str(tmp_path / f"out{attempt}.img")
+        recv = start_receiver(out)
+        sent = run_sender(recv.address, image, "--channels", "64")
+        rc, _, stderr = recv.finish()
+        assert sent.returncode == 0 and rc == 0, (sent.stderr, stderr)
+        with open(image, "rb") as a, open(out, "rb") as b:
+            assert a.read() == b.read()
