@@ -89,7 +89,7 @@ def check_output_path(path: str) -> None:
 
 
 class OutputFile:
-    """A temporary file beside `path`, renamed over `path` by commit(), removed otherwise.
+    """A temporary file beside `path`, renamed over `path` by publish(), removed otherwise.
 
     Positioned writes from any thread. The file is created sparse at the image's final size:
     zero pages are never written and stay holes.
@@ -126,9 +126,16 @@ class OutputFile:
             view = view[n:]
             offset += n
 
-    def commit(self) -> None:
+    def sync(self) -> None:
+        """Make the data durable (slow: run it in a thread). Nothing is published yet."""
         try:
             os.fsync(self.fd)
+        except OSError as exc:
+            raise ImageError(f"syncing {self.tmp_path}: {exc.strerror}") from None
+
+    def publish(self) -> None:
+        """Rename the synced file over the output: the point of no return (fast)."""
+        try:
             os.rename(self.tmp_path, self.path)
             self._committed = True
             dirfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)

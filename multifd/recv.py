@@ -84,8 +84,8 @@ async def _receive_channel(receiver: BlockReceiver, barrier: RoundBarrier,
         round += 1
 
 
-async def _commit(ctl, output: OutputFile, timeouts: Timeouts) -> None:
-    """fsync and rename, telling the sender every idle/3 s that we are still at it.
+async def _sync(ctl, output: OutputFile, timeouts: Timeouts) -> None:
+    """fsync the output, telling the sender every idle/3 s that we are still at it.
 
     The keepalive task is never cancelled in the middle of a send (that would shut the
     control channel down before DONE): it is told to stop and finishes its current send.
@@ -103,7 +103,7 @@ async def _commit(ctl, output: OutputFile, timeouts: Timeouts) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(keepalive)
         try:
-            await trio.to_thread.run_sync(output.commit)
+            await trio.to_thread.run_sync(output.sync)
         finally:
             committed.set()
 
@@ -160,8 +160,13 @@ async def _migrate(registry, output_path: str | None, timeouts: Timeouts,
             counters.merge(r.counters)
         _verify(session, complete, counters, total, rounds, seen)
         if output is not None:
-            await _commit(ctl, output, timeouts)
-        await control.send(ctl, "finish", wire.Done(session.image_size, total.digest()))
+            await _sync(ctl, output, timeouts)
+        # The point of no return: once the output is renamed into place the sender must hear
+        # DONE, so a cancellation arriving now waits for both (each is bounded).
+        with trio.CancelScope(shield=True):
+            if output is not None:
+                output.publish()
+            await control.send(ctl, "finish", wire.Done(session.image_size, total.digest()))
     return Report(SIDE, ok=True, bytes=session.image_size, payload_bytes=counters.payload_bytes,
                   pages=counters.pages, zero_pages=counters.zero_pages,
                   packets=counters.packets, channels=registry.channels,
