@@ -101,3 +101,31 @@ def test_sixty_four_channels_at_once(make_image, tmp_path):
         assert sent.returncode == 0 and rc == 0, (sent.stderr, stderr)
         with open(image, "rb") as a, open(out, "rb") as b:
             assert a.read() == b.read()
+
+
+def test_a_trickled_hello_is_dropped_at_the_hello_deadline(make_image, tmp_path):
+    """One deadline for the whole hello: a byte now and then does not keep a slot alive."""
+    image = make_image(1 << 20)
+    recv = start_receiver(str(tmp_path / "out.img"), "--handshake-timeout", "1")
+    trickle = socket.create_connection(("127.0.0.1", recv.port), timeout=10)
+    try:
+        hello = wire.encode_hello(wire.Hello(wire.Role.CONTROL, bytes(16), 0, 1))
+        start = time.monotonic()
+        closed_after = None
+        for byte in hello[:-1]:
+            try:
+                trickle.sendall(bytes([byte]))
+            except OSError:
+                closed_after = time.monotonic() - start
+                break
+            time.sleep(0.3)
+        if closed_after is None:  # all but the last byte went out: the socket must be closed
+            assert trickle.recv(1) == b""
+            closed_after = time.monotonic() - start
+        assert closed_after < 3
+        sent = run_sender(recv.address, image)
+        rc, _, stderr = recv.finish()
+    finally:
+        trickle.close()
+    assert sent.returncode == 0 and rc == 0, (sent.stderr, stderr)
+    assert "no complete hello within 1s" in stderr
