@@ -61,14 +61,17 @@ class collapse_group:
         return False
 
 
-# Only one thread may use a Conn at a time: two threads reading one socket would split records
-# between them; `_busy` turns such a bug into an immediate error instead.
-
-
 IOV_BATCH = 512
 
 
 class Conn:
+    """An established connection, closed by whoever holds it.
+
+    Only one thread may use a Conn at a time: two threads reading one socket would split
+    records between them. `_busy` is a conflict detector that turns such a bug into an
+    immediate error; it records nothing else.
+    """
+
     def __init__(self, sock: socket.socket, label: str, *, side: str, timeout: float) -> None:
         self.sock = sock
         self.label = label
