@@ -94,7 +94,7 @@ class BlockReceiver:
 
     `seen` is shared by every channel of the migration: one byte per block, set (never
     incremented, so no two threads race on a read-modify-write) when a block arrives. With
-    the block count it proves every block arrived exactly once (1 byte per 512 KiB block).
+    the block count it proves every block arrived exactly once (1 byte per block).
     """
 
     def __init__(self, conn: Conn, session: wire.Session, output: OutputFile | None,

@@ -91,10 +91,11 @@ def test_max_bandwidth_paces_the_transfer(make_image, tmp_path):
     image = make_image(3 * MiB)
     recv = start_receiver("--discard")
     start = time.monotonic()
-    sent = run_sender(recv.address, image, "--max-bandwidth", "4MiB/s", "--channels", "4")
+    sent = run_sender(recv.address, image, "--max-bandwidth", "4MiB/s", "--channels", "4",
+                      "--packet-pages", "128")
     elapsed = time.monotonic() - start
     assert recv.finish()[0] == 0 and sent.returncode == 0, sent.stderr
-    # 3 MiB at 4 MiB/s cannot take less than 0.75 s whatever the machine (a lower bound only).
+    # 3 MiB in 512 KiB packets at 4 MiB/s: the last of 6 packets cannot start before 0.625 s.
     assert elapsed >= 0.6
 
 
