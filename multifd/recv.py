@@ -15,12 +15,12 @@ Theory of operation:
 
 from __future__ import annotations
 
-import errno
 from contextlib import nullcontext
 
 import trio
 
 from . import control
+from .address import format_address
 from . import errors as E
 from . import wire
 from .conn import collapse_group, first_error
@@ -36,11 +36,17 @@ SIDE = "receiver"
 
 async def open_listeners(host: str, port: int) -> list[trio.SocketListener]:
     try:
-        return await trio.open_tcp_listeners(port, host=host, backlog=1024)
-    except OSError as exc:
-        if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
-            raise E.UsageError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-        raise E.UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        listeners = await trio.open_tcp_listeners(port, host=host, backlog=1024)
+    except OSError as exc:  # in use, not an address of this host, not allowed, no such name
+        raise E.UsageError(f"cannot listen on {format_address(host, port)}: "
+                           f"{exc.strerror or exc}") from None
+    if port == 0:
+        # A name with several addresses gets a different free port on each; only one can be
+        # announced, so only one is kept.
+        for extra in listeners[1:]:
+            await extra.aclose()
+        del listeners[1:]
+    return listeners
 
 
 class RoundBarrier:
