@@ -20,9 +20,9 @@ from contextlib import nullcontext
 import trio
 
 from . import control
-from .address import format_address
 from . import errors as E
 from . import wire
+from .address import format_address
 from .conn import collapse_group, first_error
 from .digest import DigestSum
 from .image import OutputFile
