@@ -126,8 +126,12 @@ async def _with_signals(main):
     return report
 
 
-def run(prog: str, side: str, main, json_mode: bool) -> int:
-    """Run `main` (an async function returning a Report) and report its outcome."""
+def run(prog: str, side: str, main, json_mode: bool, completed: list | None = None) -> int:
+    """Run `main` (an async function returning a Report) and report its outcome.
+
+    `completed` receives the report as soon as the outcome is decided: a signal or error
+    that arrives after that, during cleanup, does not turn a finished migration into a
+    failed one."""
     # Everything imported so far lives as long as the process: keep it out of the collector's
     # full passes, which otherwise rescan it on the hot path.
     gc.freeze()
@@ -135,6 +139,8 @@ def run(prog: str, side: str, main, json_mode: bool) -> int:
     try:
         report = trio.run(_with_signals, main)
     except BaseException as exc:  # noqa: B036 - everything ends here, as one line
+        if completed:
+            return _print_report(completed[0], json_mode)
         err = first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
         if isinstance(err, KeyboardInterrupt):
             code, text = 130, "interrupted"
@@ -150,6 +156,10 @@ def run(prog: str, side: str, main, json_mode: bool) -> int:
         if json_mode:
             print(Report(side, ok=False, error=text).to_json(), flush=True)
         return code
+    return _print_report(report, json_mode)
+
+
+def _print_report(report: Report, json_mode: bool) -> int:
     try:
         print(report.to_json() if json_mode else report.human(), flush=True)
     except BrokenPipeError:  # a reader that went away (`| head`) is not our failure

@@ -135,7 +135,7 @@ def _verify(session: wire.Session, complete: wire.Complete, counters: Counters,
 
 
 async def _migrate(registry, output_path: str | None, timeouts: Timeouts,
-                   on_progress) -> Report:
+                   on_progress, on_complete) -> Report:
     ctl = registry.control
     started = trio.current_time()
     session = await control.receive(ctl, "setup", wire.Session, "sender")
@@ -173,22 +173,29 @@ async def _migrate(registry, output_path: str | None, timeouts: Timeouts,
             if output is not None:
                 output.publish()
             await control.send(ctl, "finish", wire.Done(session.image_size, total.digest()))
-    return Report(SIDE, ok=True, bytes=session.image_size, payload_bytes=counters.payload_bytes,
-                  pages=counters.pages, zero_pages=counters.zero_pages,
-                  packets=counters.packets, channels=registry.channels,
-                  seconds=trio.current_time() - started, digest=total.hexdigest(),
-                  output=output_path)
+            report = Report(SIDE, ok=True, bytes=session.image_size,
+                            payload_bytes=counters.payload_bytes, pages=counters.pages,
+                            zero_pages=counters.zero_pages, packets=counters.packets,
+                            channels=registry.channels, seconds=trio.current_time() - started,
+                            digest=total.hexdigest(), output=output_path)
+            if on_complete is not None:  # the outcome is decided: no later signal undoes it
+                on_complete(report)
+    return report
 
 
 async def receive_image(listeners: list[trio.SocketListener], output_path: str | None, *,
                         timeouts: Timeouts = Timeouts(), log=print,
-                        on_progress=None) -> Report:
-    """Accept exactly one migration and write it to output_path (None: verify and discard)."""
+                        on_progress=None, on_complete=None) -> Report:
+    """Accept exactly one migration and write it to output_path (None: verify and discard).
+
+    on_complete(report) is called the moment the outcome is decided (output renamed into
+    place, DONE sent), before the cleanup that a late cancellation could still interrupt."""
     with collapse_group():
         async with open_registry(listeners, timeouts, log) as registry:
             try:
                 await wait_for_channels(registry, timeouts)
-                return await _migrate(registry, output_path, timeouts, on_progress)
+                return await _migrate(registry, output_path, timeouts, on_progress,
+                                      on_complete)
             except BaseException as exc:
                 err = first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
                 reported = await control.conclude_failure(registry.control, err, "sender")

@@ -37,7 +37,7 @@ def _log(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
 
-async def _serve(host: str, port: int, args) -> cli.Report:
+async def _serve(host: str, port: int, args, completed: list) -> cli.Report:
     listeners = await open_listeners(host, port)
     try:
         bound = listeners[0].socket.getsockname()
@@ -45,7 +45,8 @@ async def _serve(host: str, port: int, args) -> cli.Report:
         return await receive_image(
             listeners, None if args.discard else args.output,
             timeouts=cli.timeouts_from(args), log=_log,
-            on_progress=cli.progress_printer("receiving", not args.quiet and not args.json))
+            on_progress=cli.progress_printer("receiving", not args.quiet and not args.json),
+            on_complete=completed.append)
     finally:
         for listener in listeners:
             await listener.aclose()
@@ -61,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.output is not None:
         cli.usage_guard(PROG, args.json, "receiver",
                         functools.partial(check_output_path, args.output))
-    return cli.run(PROG, "receiver", functools.partial(_serve, host, port, args), args.json)
+    completed: list = []
+    return cli.run(PROG, "receiver", functools.partial(_serve, host, port, args, completed),
+                   args.json, completed)
 
 
 def entry() -> None:
