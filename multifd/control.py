@@ -40,8 +40,10 @@ async def send(conn: Conn, stage: str, msg: wire.ControlMessage) -> None:
 async def receive(conn: Conn, stage: str, expected: type, peer: str):
     """The next message, which must be `expected`; a peer's ERROR becomes PeerError.
 
-    WORKING messages in between are skipped: each one restarts the idle timeout."""
-    while isinstance(msg := await conn.run(stage, _recv_message, conn), wire.Working):
+    WORKING may come only before DONE: each one restarts the idle timeout there. Anywhere
+    else it is a protocol error, so a peer cannot use it to defeat the timeout."""
+    while (isinstance(msg := await conn.run(stage, _recv_message, conn), wire.Working)
+           and expected is wire.Done):
         pass
     if isinstance(msg, wire.ErrorMessage):
         raise E.PeerError(f"{peer} failed: {_printable(msg.text)}", side=conn.side,
@@ -70,15 +72,15 @@ def error_code(err: BaseException) -> wire.ErrorCode:
 async def conclude_failure(conn: Conn | None, err: BaseException, peer: str) -> BaseException:
     """Exchange reasons with the peer after a failure; return the error to report.
 
-    If our error only says the peer went away (PeerClosed), the peer's own explanation (if it
-    sent one in time) is the better report. Otherwise we send ours, so the peer can say why. Runs shielded
+    If our error only says the peer went away or never came (`peer_may_explain`), the peer's
+    own explanation (if it sent one in time) is the better report. Otherwise we send ours, so the peer can say why. Runs shielded
     and bounded: it is cleanup, and cleanup must neither hang nor be cut short by the
     cancellation that brought us here.
     """
     if conn is None or isinstance(err, E.PeerError):
         return err
     with trio.CancelScope(shield=True):
-        if isinstance(err, E.PeerClosed):
+        if getattr(err, "peer_may_explain", False):
             # A socket timeout, not a cancel scope, bounds this read: cancelling would shut the
             # socket down, and we may still need it to send our own reason.
             conn.set_timeout(EXPLAIN_GRACE)

@@ -91,13 +91,25 @@ class ChecksumMismatch(RemoteProtocolError):
 class TransportError(MultifdError):
     """A connection failed: refused, reset, closed early, timed out."""
 
+    # True where the peer has probably sent its own reason on the control channel, which
+    # then makes the better report.
+    peer_may_explain = False
+
 
 class PeerClosed(TransportError):
     """The peer went away without an explanation on this channel."""
 
+    peer_may_explain = True
+
 
 class PeerTimeout(TransportError):
     """The peer stayed silent past a deadline."""
+
+
+class MissingChannels(PeerTimeout):
+    """Some data channels never arrived: the sender may have failed to open them."""
+
+    peer_may_explain = True
 
 
 class PeerError(MultifdError):

@@ -79,7 +79,7 @@ def check_output_path(path: str) -> None:
         raise UsageError("output path is empty")
     if os.path.isdir(path):
         raise UsageError(f"output {path} is a directory")
-    if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+    if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
         raise UsageError(f"output {path} exists and is not a regular file")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
@@ -137,14 +137,19 @@ class OutputFile:
         """Rename the synced file over the output: the point of no return (fast)."""
         try:
             os.rename(self.tmp_path, self.path)
-            self._committed = True
+        except OSError as exc:
+            raise ImageError(f"committing {self.path}: {exc.strerror}") from None
+        self._committed = True
+        # The image is in place and its data synced. Making the rename itself durable is
+        # best effort: failing here must not report a migration that succeeded as failed.
+        try:
             dirfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
             try:
                 os.fsync(dirfd)
             finally:
                 os.close(dirfd)
-        except OSError as exc:
-            raise ImageError(f"committing {self.path}: {exc.strerror}") from None
+        except OSError:
+            pass
 
     def discard(self) -> None:
         if self.fd >= 0:

@@ -32,6 +32,8 @@ from .report import Report
 from .settings import Timeouts
 
 SIDE = "receiver"
+# The sender's idle timeout is its own: WORKING comes often enough for any sane one (>= 1 s).
+KEEPALIVE = 0.4
 
 
 async def open_listeners(host: str, port: int) -> list[trio.SocketListener]:
@@ -91,7 +93,7 @@ async def _receive_channel(receiver: BlockReceiver, barrier: RoundBarrier,
 
 
 async def _sync(ctl, output: OutputFile, timeouts: Timeouts) -> None:
-    """fsync the output, telling the sender every idle/3 s that we are still at it.
+    """fsync the output, telling the sender every KEEPALIVE seconds that we are still at it.
 
     The keepalive task is never cancelled in the middle of a send (that would shut the
     control channel down before DONE): it is told to stop and finishes its current send.
@@ -100,7 +102,7 @@ async def _sync(ctl, output: OutputFile, timeouts: Timeouts) -> None:
 
     async def keepalive() -> None:
         while True:
-            with trio.move_on_after(timeouts.idle / 3):
+            with trio.move_on_after(KEEPALIVE):
                 await committed.wait()
             if committed.is_set():
                 return

@@ -104,7 +104,8 @@ async def _greet(sock: socket.socket, pending: trio.CapacityLimiter, registry: R
                  timeouts: Timeouts, log) -> None:
     """Read one hello and hand the connection to the registry, or drop it as a stranger.
 
-    The connection holds a `pending` slot until its hello is complete."""
+    The connection holds a `pending` slot until its hello is complete and, for a data
+    channel, its session is known."""
     conn = Conn(sock, "connection", side=SIDE, timeout=timeouts.handshake)
     where = format_address(*conn.peer[:2]) if conn.peer else "unknown peer"
     handed_over = released = False
@@ -117,15 +118,17 @@ async def _greet(sock: socket.socket, pending: trio.CapacityLimiter, registry: R
         if hello is None:
             raise E.PeerTimeout(f"no complete hello within {timeouts.handshake:g}s",
                                 stage="hello")
-        pending.release_on_behalf_of(sock)
-        released = True
         conn.label = hello.label()
         if hello.role is wire.Role.DATA and not registry.session_known.is_set():
+            # Still holding its pending slot: a flood of data hellos for sessions that never
+            # come is bounded like a flood of silent connections.
             with trio.move_on_after(timeouts.handshake):
                 await registry.session_known.wait()
             if not registry.session_known.is_set():
                 raise E.PeerTimeout(f"no control channel arrived within "
                                     f"{timeouts.handshake:g}s", stage="hello")
+        pending.release_on_behalf_of(sock)
+        released = True
         status = registry.claim(hello)
         try:
             await conn.run("hello", conn.send_all, wire.encode_hello_reply(status))
@@ -150,12 +153,15 @@ async def _greet(sock: socket.socket, pending: trio.CapacityLimiter, registry: R
 async def _accept_loop(listener: trio.SocketListener, registry: Registry, timeouts: Timeouts,
                        log, nursery: trio.Nursery) -> None:
     pending = trio.CapacityLimiter(MAX_PENDING)
+    quiet_until = 0.0  # accept errors are logged at most once a second
     while True:
         try:
             stream = await listener.accept()
         except OSError as exc:
             # Out of descriptors or buffers: the migration in progress must not die of it.
-            log(f"cannot accept a connection: {exc.strerror or exc}; retrying")
+            if trio.current_time() >= quiet_until:
+                log(f"cannot accept a connection: {exc.strerror or exc}; retrying")
+                quiet_until = trio.current_time() + 1.0
             await trio.sleep(0.1)
             continue
         sock = socket.socket(fileno=stream.socket.detach())
@@ -192,6 +198,6 @@ async def wait_for_channels(registry: Registry, timeouts: Timeouts) -> None:
         what = "the control channel" if registry.control is None else (
             "data channel" + ("s " if len(missing) > 1 else " ")
             + ", ".join(map(str, missing)))
-        raise E.PeerTimeout(f"{what} did not arrive within {timeouts.handshake:g}s "
+        raise E.MissingChannels(f"{what} did not arrive within {timeouts.handshake:g}s "
                             f"({len(registry.data)} of {registry.channels} data channels "
                             f"connected)", side=SIDE, stage="setup")

@@ -148,8 +148,11 @@ async def _pump_all(senders: list[BlockSender], session: wire.Session,
 async def send_image(host: str, port: int, path: str, *, channels: int = 4,
                      page_size: int = DEFAULT_PAGE_SIZE, block_pages: int = DEFAULT_BLOCK_PAGES,
                      max_bandwidth: float | None = None, timeouts: Timeouts = Timeouts(),
-                     on_progress=None) -> Report:
-    """Migrate the image at `path` to the receiver at host:port. Raises MultifdError."""
+                     on_progress=None, on_complete=None) -> Report:
+    """Migrate the image at `path` to the receiver at host:port. Raises MultifdError.
+
+    on_complete(report) is called the moment the receiver's DONE confirmed the image, before
+    the cleanup that a late cancellation could still interrupt."""
     if not 1 <= channels <= wire.MAX_CHANNELS:
         raise E.UsageError(f"--channels {channels} out of range (1..{wire.MAX_CHANNELS})")
     with SourceImage(path) as source:
@@ -157,13 +160,15 @@ async def send_image(host: str, port: int, path: str, *, channels: int = 4,
             session = wire.Session(source.size, page_size, block_pages)
         except E.LocalProtocolError as exc:
             raise E.UsageError(exc.message) from None
-        if max_bandwidth and session.block_bytes / max_bandwidth > timeouts.idle / 2:
-            # Packets leave whole: at this rate the receiver would wait longer than its idle
-            # timeout between two of them.
+        if max_bandwidth and (channels * session.block_bytes / max_bandwidth
+                              > timeouts.idle / 2):
+            # Packets leave whole and channels take turns: at this rate a channel would stay
+            # silent for longer than half the idle timeout between two of its packets.
             raise E.UsageError(
-                f"--max-bandwidth {max_bandwidth:g} B/s is too low for "
-                f"{session.block_bytes}-byte packets with a {timeouts.idle:g}s idle timeout "
-                f"(use smaller --packet-pages or a longer --idle-timeout)")
+                f"--max-bandwidth {max_bandwidth:g} B/s is too low for {channels} channels "
+                f"of {session.block_bytes}-byte packets with a {timeouts.idle:g}s idle "
+                f"timeout (use fewer --channels, smaller --packet-pages or a longer "
+                f"--idle-timeout)")
         started = trio.current_time()
         session_id = uuid.uuid4().bytes
         async with open_sender_channels(host, port, session_id, channels, timeouts) as (
@@ -189,14 +194,17 @@ async def send_image(host: str, port: int, path: str, *, channels: int = 4,
                     raise E.VerificationError(
                         f"receiver confirmed digest {done.digest.hex()} "
                         f"(expected {total.hexdigest()})", side=SIDE, stage="finish")
+                report = Report(SIDE, ok=True, bytes=session.image_size,
+                                payload_bytes=counters.payload_bytes, pages=counters.pages,
+                                zero_pages=counters.zero_pages, packets=counters.packets,
+                                channels=channels, seconds=trio.current_time() - started,
+                                digest=total.hexdigest())
+                if on_complete is not None:
+                    on_complete(report)
             except BaseException as exc:
                 err = first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
                 reported = await control.conclude_failure(ctl, err, "receiver")
                 if reported is exc:
                     raise
                 raise reported from None
-        return Report(SIDE, ok=True, bytes=session.image_size,
-                      payload_bytes=counters.payload_bytes, pages=counters.pages,
-                      zero_pages=counters.zero_pages, packets=counters.packets,
-                      channels=channels, seconds=trio.current_time() - started,
-                      digest=total.hexdigest())
+        return report

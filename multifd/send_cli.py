@@ -49,12 +49,14 @@ def main(argv: list[str] | None = None) -> int:
                                  functools.partial(parse_address, args.address))
     if port == 0:
         build_parser().error(f"address {args.address!r}: port 0 is only for listening")
+    completed: list = []
     main_fn = functools.partial(
         send_image, host, port, args.image, channels=args.channels, page_size=args.page_size,
         block_pages=args.packet_pages, max_bandwidth=args.max_bandwidth,
         timeouts=cli.timeouts_from(args),
-        on_progress=cli.progress_printer("sending", not args.quiet and not args.json))
-    return cli.run(PROG, "sender", main_fn, args.json)
+        on_progress=cli.progress_printer("sending", not args.quiet and not args.json),
+        on_complete=completed.append)
+    return cli.run(PROG, "sender", main_fn, args.json, completed)
 
 
 def entry() -> None:

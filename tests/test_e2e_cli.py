@@ -281,3 +281,11 @@ def test_packets_with_more_runs_than_one_system_call_takes(tmp_path):
     assert sent["zero_pages"] == 4 * 1024
     with open(out, "rb") as f:
         assert f.read() == bytes(data)
+
+
+def test_a_rate_too_low_for_the_idle_timeout_is_refused(make_image):
+    image = make_image(1 << 20)
+    # 16 channels take turns: each would see a 2 MiB packet every 8 s at 4 MB/s.
+    result = run_sender("127.0.0.1:1", image, "--channels", "16", "--max-bandwidth", "4MB/s",
+                        "--idle-timeout", "5")
+    assert result.returncode == 2 and "too low for 16 channels" in result.stderr

@@ -129,3 +129,43 @@ def test_a_trickled_hello_is_dropped_at_the_hello_deadline(make_image, tmp_path)
         trickle.close()
     assert sent.returncode == 0 and rc == 0, (sent.stderr, stderr)
     assert "no complete hello within 1s" in stderr
+
+
+def test_working_is_refused_outside_the_wait_for_done(tmp_path):
+    """WORKING would otherwise let a peer hold a receiver past its idle timeout for ever."""
+    recv = start_receiver(str(tmp_path / "out.img"), "--idle-timeout", "2")
+    control, data = _open_migration(recv.port, 1)
+    try:
+        control.sendall(wire.encode_control(wire.Working()))  # instead of SESSION
+        rc, _, stderr = recv.finish(timeout=20)
+    finally:
+        control.close()
+        data[0].close()
+    assert rc == 1 and "got Working (expected Session)" in stderr, stderr
+
+
+def test_data_hellos_without_a_session_hold_their_pending_slot(tmp_path):
+    """A flood of complete data hellos for sessions that never come is bounded too."""
+    from multifd.registry import MAX_PENDING
+    recv = start_receiver("--discard", "--handshake-timeout", "5")
+    flood = []
+    try:
+        for _ in range(MAX_PENDING + 3):
+            sock = socket.create_connection(("127.0.0.1", recv.port), timeout=10)
+            sock.sendall(wire.encode_hello(wire.Hello(wire.Role.DATA, os.urandom(16), 0, 1)))
+            flood.append(sock)
+        deadline = time.monotonic() + 10
+        refused = 0
+        for sock in flood[MAX_PENDING:]:  # the last ones are closed at once
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                refused += sock.recv(8) == b""
+            except ConnectionResetError:  # closed with our hello unread
+                refused += 1
+        assert refused == 3
+    finally:
+        for sock in flood:
+            sock.close()
+        recv.proc.send_signal(signal.SIGTERM)
+        rc, _, stderr = recv.finish(timeout=20)
+    assert f"{MAX_PENDING} connections already waiting for a hello" in stderr

@@ -261,6 +261,7 @@ async def test_missing_data_channel_times_out_and_tells_the_sender(clean, tmp_pa
             control = await dial("127.0.0.1", port, wire.Hello(wire.Role.CONTROL, sid, 0, 2),
                                  FAST)
             data0 = await dial("127.0.0.1", port, wire.Hello(wire.Role.DATA, sid, 0, 2), FAST)
+            control.set_timeout(8)  # the receiver first waits for our reason, then says its own
             head = await control.run("test", control.recv_bytes, wire.FRAME.size, "frame")
             kind, _, _, length = wire.FRAME.unpack(head)
             body = await control.run("test", control.recv_bytes, length, "body")
