@@ -12,7 +12,7 @@ import trio
 
 from . import errors as E
 from . import wire
-from .conn import Conn
+from .conn import Conn, first_error
 
 EXPLAIN_GRACE = 2.0
 
@@ -69,14 +69,17 @@ def error_code(err: BaseException) -> wire.ErrorCode:
     return wire.ErrorCode.FAILED
 
 
-async def conclude_failure(conn: Conn | None, err: BaseException, peer: str) -> BaseException:
+async def conclude_failure(conn: Conn | None, exc: BaseException, peer: str) -> BaseException:
     """Exchange reasons with the peer after a failure; return the error to report.
+
+    `exc` is what the migration raised, possibly a group: its first error is the cause.
 
     If our error only says the peer went away or never came (`peer_may_explain`), the peer's
     own explanation (if it sent one in time) is the better report. Otherwise we send ours, so the peer can say why. Runs shielded
     and bounded: it is cleanup, and cleanup must neither hang nor be cut short by the
     cancellation that brought us here.
     """
+    err = first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
     if conn is None or isinstance(err, E.PeerError):
         return err
     with trio.CancelScope(shield=True):

@@ -23,7 +23,7 @@ from . import control
 from . import errors as E
 from . import wire
 from .address import format_address
-from .conn import collapse_group, first_error
+from .conn import collapse_group
 from .digest import DigestSum
 from .image import OutputFile
 from .pump import BlockReceiver, Counters
@@ -199,8 +199,7 @@ async def receive_image(listeners: list[trio.SocketListener], output_path: str |
                 return await _migrate(registry, output_path, timeouts, on_progress,
                                       on_complete)
             except BaseException as exc:
-                err = first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
-                reported = await control.conclude_failure(registry.control, err, "sender")
+                reported = await control.conclude_failure(registry.control, exc, "sender")
                 if reported is exc:
                     raise
                 raise reported from None

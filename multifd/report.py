@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 
 @dataclass
@@ -20,7 +20,6 @@ class Report:
     digest: str | None = None
     output: str | None = None
     error: str | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def throughput(self) -> float:
@@ -28,7 +27,6 @@ class Report:
 
     def to_json(self) -> str:
         data = asdict(self)
-        data.update(data.pop("extra"))
         data["throughput"] = round(self.throughput)
         data["seconds"] = round(self.seconds, 6)
         return json.dumps(data, sort_keys=True)

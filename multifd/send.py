@@ -27,7 +27,7 @@ from . import control
 from . import errors as E
 from . import wire
 from .address import format_address
-from .conn import Conn, collapse_group, first_error
+from .conn import Conn, collapse_group
 from .digest import DigestSum
 from .image import SourceImage
 from .pump import BlockSender, Counters
@@ -202,8 +202,7 @@ async def send_image(host: str, port: int, path: str, *, channels: int = 4,
                 if on_complete is not None:
                     on_complete(report)
             except BaseException as exc:
-                err = first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
-                reported = await control.conclude_failure(ctl, err, "receiver")
+                reported = await control.conclude_failure(ctl, exc, "receiver")
                 if reported is exc:
                     raise
                 raise reported from None
