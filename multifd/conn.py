@@ -19,11 +19,13 @@ use both cores, where trio's own I/O path costs far more CPU per byte.
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 
 import trio
 
 from . import errors as E
+from . import tls
 
 
 def first_error(exc: BaseException) -> BaseException:
@@ -149,6 +151,10 @@ class Conn:
             exc.channel = exc.channel or self.label
             exc.stage = exc.stage or stage
             return exc
+        if isinstance(exc, ssl.SSLError):
+            # A stream cut short is what a failing peer leaves behind: its reason may follow.
+            return E.TlsError(self.explain_tls(exc, stage), side=self.side, channel=self.label,
+                              stage=stage, peer_may_explain=isinstance(exc, ssl.SSLEOFError))
         if isinstance(exc, (TimeoutError, BlockingIOError)):
             return E.PeerTimeout(f"peer silent for {self.timeout:g}s", side=self.side,
                                  channel=self.label, stage=stage)
@@ -194,11 +200,26 @@ class Conn:
         finally:
             self._busy = False
 
+    def explain_tls(self, exc: ssl.SSLError, stage: str) -> str:
+        return str(exc)
+
     def shutdown(self) -> None:
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
+            # The plain socket's shutdown, also under TLS: SSLSocket's own would drop the
+            # SSL object under the feet of a thread that is still using it.
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
         except OSError:
             pass
+
+    tls = False
+
+    def close_stream(self) -> None:
+        """End the stream so that the peer can tell it was not cut: nothing to do in plain TCP,
+        where END and DONE are the last messages."""
+
+    async def end_stream(self, stage: str) -> None:
+        if self.tls:
+            await self.run(stage, self.close_stream)
 
     def close(self) -> None:
         self.sock.close()
@@ -208,3 +229,70 @@ class Conn:
 
     async def __aexit__(self, *exc) -> None:
         self.close()
+
+
+class TlsConn(Conn):
+    """A Conn over an `ssl.SSLSocket`.
+
+    Differences that matter: OpenSSL hands out one 16 KiB record per read and has no
+    scatter-gather send; its retry loop would turn a kernel socket timeout into an endless
+    wait, so this uses Python's own timeouts; and a stream ends with a TLS close both ways
+    (`close_stream`), so a connection cut short is an error, never a quiet end.
+    """
+
+    tls = True
+    COALESCE = 64 << 10  # parts smaller than this share one TLS record with their neighbours
+
+    def __init__(self, sock: ssl.SSLSocket, label: str, *, side: str, timeout: float,
+                 peer_name: str, hostname: str | None = None, hint: str = "") -> None:
+        self.peer_name = peer_name  # "the receiver" / "the sender", for error lines
+        self.hostname = hostname
+        self.hint = hint
+        self._scratch = bytearray()
+        super().__init__(sock, label, side=side, timeout=timeout)
+
+    def set_timeout(self, seconds: float) -> None:
+        self.sock.settimeout(seconds)
+        self.timeout = seconds
+
+    def handshake(self) -> None:
+        self.sock.do_handshake()
+
+    def peer_common_name(self) -> str | None:
+        return tls.common_name(self.sock.getpeercert())
+
+    def send_parts(self, parts: list) -> None:
+        scratch = self._scratch
+        try:
+            for part in parts:
+                size = part.nbytes if isinstance(part, memoryview) else len(part)
+                if size < self.COALESCE:
+                    scratch += part
+                    continue
+                if scratch:
+                    self.sock.sendall(scratch)
+                    scratch.clear()
+                self.sock.sendall(part)
+            if scratch:
+                self.sock.sendall(scratch)
+        finally:
+            scratch.clear()
+            part = None  # see Conn._send_group: no view of the window may outlive the call
+            parts = None
+
+    def recv_exactly(self, view: memoryview, what: str) -> None:
+        recv_into = self.sock.recv_into
+        while view:
+            n = recv_into(view)
+            if n == 0:
+                raise E.PeerClosed(f"connection closed by the peer (TLS close) while waiting "
+                                   f"for {what}")
+            view = view[n:]
+
+    def close_stream(self) -> None:
+        """Send our TLS close and wait for the peer's: returns only if the stream ended whole."""
+        self.sock.unwrap()
+
+    def explain_tls(self, exc: ssl.SSLError, stage: str) -> str:
+        return tls.explain(exc, peer=self.peer_name, name=self.hostname,
+                           handshake=stage in ("tls", "hello"), hint=self.hint) or str(exc)

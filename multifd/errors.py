@@ -96,6 +96,15 @@ class TransportError(MultifdError):
     peer_may_explain = False
 
 
+class TlsError(TransportError):
+    """A TLS failure: a certificate rejected by either side, a peer that does not speak TLS,
+    a stream cut without a TLS close."""
+
+    def __init__(self, message: str, *, peer_may_explain: bool = False, **where) -> None:
+        super().__init__(message, **where)
+        self.peer_may_explain = peer_may_explain
+
+
 class PeerClosed(TransportError):
     """The peer went away without an explanation on this channel."""
 

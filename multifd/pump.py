@@ -88,6 +88,11 @@ class BlockSender:
         self.conn.send_all(wire.encode_packet(kind, seq=self.seq, round=round))
         self.seq += 1
 
+    def finish(self, rounds: int) -> None:
+        """END, then (with TLS) the close that proves nothing was cut after it."""
+        self.send_marker(PacketKind.END, rounds)
+        self.conn.close_stream()
+
 
 class BlockReceiver:
     """One data channel's receiving end.
@@ -128,6 +133,8 @@ class BlockReceiver:
                 raise E.RemoteProtocolError(f"packet {h.seq} is for round {h.round} "
                                             f"(expected round {round})")
             self.seq += 1
+            if h.kind is PacketKind.END:
+                conn.close_stream()
             if h.kind is not PacketKind.PAGES:
                 return h
             if h.flags != _FULL:

@@ -15,6 +15,7 @@ Theory of operation:
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import nullcontext
 
 import trio
@@ -30,6 +31,7 @@ from .pump import BlockReceiver, Counters
 from .registry import open_registry, wait_for_channels
 from .report import Report
 from .settings import Timeouts
+from .tls import ServerTls
 
 SIDE = "receiver"
 # The sender's idle timeout is its own: WORKING comes often enough for any sane one (>= 1 s).
@@ -182,18 +184,22 @@ async def _migrate(registry, output_path: str | None, timeouts: Timeouts,
                             digest=total.hexdigest(), output=output_path)
             if on_complete is not None:  # the outcome is decided: no later signal undoes it
                 on_complete(report)
+        # Not shielded: the sender has DONE, and a signal or a failed TLS close now cannot
+        # undo the outcome.
+        with contextlib.suppress(E.MultifdError):
+            await ctl.end_stream("finish")
     return report
 
 
 async def receive_image(listeners: list[trio.SocketListener], output_path: str | None, *,
-                        timeouts: Timeouts = Timeouts(), log=print,
-                        on_progress=None, on_complete=None) -> Report:
+                        timeouts: Timeouts = Timeouts(), tls: ServerTls | None = None,
+                        log=print, on_progress=None, on_complete=None) -> Report:
     """Accept exactly one migration and write it to output_path (None: verify and discard).
 
     on_complete(report) is called the moment the outcome is decided (output renamed into
     place, DONE sent), before the cleanup that a late cancellation could still interrupt."""
     with collapse_group():
-        async with open_registry(listeners, timeouts, log) as registry:
+        async with open_registry(listeners, timeouts, log, tls) as registry:
             try:
                 await wait_for_channels(registry, timeouts)
                 return await _migrate(registry, output_path, timeouts, on_progress,

@@ -12,7 +12,7 @@ gc.disable()
 import functools  # noqa: E402
 import sys
 
-from . import cli
+from . import cli, tls
 from .address import format_address, parse_address
 from .image import check_output_path
 from .recv import open_listeners, receive_image
@@ -29,6 +29,11 @@ def build_parser() -> cli.Parser:
                    help="address to listen on; port 0 picks a free port and prints it")
     p.add_argument("--discard", action="store_true",
                    help="receive and verify, write nothing (for benchmarks)")
+    p.add_argument("--tls", metavar="DIR", help="mutual TLS with the credentials in DIR "
+                   "(ca-cert.pem, server-cert.pem, server-key.pem: QEMU's names)")
+    p.add_argument("--tls-allow-client", action="append", default=[], metavar="CN",
+                   help="accept only client certificates with this common name (repeatable; "
+                   "default: any the CA signed)")
     cli.add_common(p)
     return p
 
@@ -37,14 +42,14 @@ def _log(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
 
-async def _serve(host: str, port: int, args, completed: list) -> cli.Report:
+async def _serve(host: str, port: int, args, credentials, completed: list) -> cli.Report:
     listeners = await open_listeners(host, port)
     try:
         bound = listeners[0].socket.getsockname()
         _log(f"listening on {format_address(bound[0], bound[1])}")
         return await receive_image(
             listeners, None if args.discard else args.output,
-            timeouts=cli.timeouts_from(args), log=_log,
+            timeouts=cli.timeouts_from(args), tls=credentials, log=_log,
             on_progress=cli.progress_printer("receiving", not args.quiet and not args.json),
             on_complete=completed.append)
     finally:
@@ -62,8 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.output is not None:
         cli.usage_guard(PROG, args.json, "receiver",
                         functools.partial(check_output_path, args.output))
+    if args.tls_allow_client and args.tls is None:
+        parser.error("--tls-allow-client needs --tls")
+    credentials = None if args.tls is None else cli.usage_guard(
+        PROG, args.json, "receiver",
+        functools.partial(tls.server_tls, args.tls, args.tls_allow_client))
     completed: list = []
-    return cli.run(PROG, "receiver", functools.partial(_serve, host, port, args, completed),
+    return cli.run(PROG, "receiver",
+                   functools.partial(_serve, host, port, args, credentials, completed),
                    args.json, completed)
 
 

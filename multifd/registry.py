@@ -20,9 +20,10 @@ from contextlib import asynccontextmanager
 import trio
 
 from . import errors as E
+from . import tls as T
 from . import wire
 from .address import format_address
-from .conn import Conn
+from .conn import Conn, TlsConn
 from .settings import Timeouts
 
 # Connections that have not yet sent a complete hello, at once: more than a whole migration's
@@ -91,6 +92,8 @@ def _read_hello(conn: Conn) -> wire.Hello:
         conn.send_all(wire.encode_hello_reply(wire.HelloStatus.BAD_VERSION))
         raise
     except E.BadMagic:
+        if data.startswith(T.TLS_RECORD_PREFIX):
+            raise E.BadMagic("a TLS handshake, and this receiver was started without --tls")
         raise  # not our protocol: say nothing to it
     except E.BadChannelId:
         conn.send_all(wire.encode_hello_reply(wire.HelloStatus.BAD_CHANNEL))
@@ -100,25 +103,67 @@ def _read_hello(conn: Conn) -> wire.Hello:
         raise
 
 
+def _server_handshake(conn: TlsConn) -> None:
+    """The TLS handshake, after a look at the first bytes: a sender without --tls gets a
+    plain hello reply that tells it why, instead of a TLS error it cannot read."""
+    plain = conn.sock  # the plain socket's methods, before TLS takes over the stream
+    first = socket.socket.recv(plain, len(wire.MAGIC_BYTES), socket.MSG_PEEK)
+    if first and wire.MAGIC_BYTES.startswith(first):
+        got = b""
+        while len(got) < wire.HELLO.size:  # read it all: closing on unread bytes resets
+            chunk = socket.socket.recv(plain, wire.HELLO.size - len(got))
+            if not chunk:
+                break
+            got += chunk
+        socket.socket.sendall(plain, wire.encode_hello_reply(wire.HelloStatus.TLS_REQUIRED))
+        raise E.TlsError("a plaintext multifd hello (the sender was started without --tls)")
+    conn.handshake()
+
+
+def _accepted(sock: socket.socket, tls: T.ServerTls | None, timeouts: Timeouts) -> Conn:
+    if tls is None:
+        return Conn(sock, "connection", side=SIDE, timeout=timeouts.handshake)
+    secured = tls.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False,
+                                      suppress_ragged_eofs=False)
+    return TlsConn(secured, "connection", side=SIDE, timeout=timeouts.handshake,
+                   peer_name="the peer")
+
+
 async def _greet(sock: socket.socket, pending: trio.CapacityLimiter, registry: Registry,
-                 timeouts: Timeouts, log) -> None:
-    """Read one hello and hand the connection to the registry, or drop it as a stranger.
+                 timeouts: Timeouts, log, tls: T.ServerTls | None = None) -> None:
+    """Read one hello (after the TLS handshake) and hand the connection to the registry, or
+    drop it as a stranger.
 
     The connection holds a `pending` slot until its hello is complete and, for a data
     channel, its session is known."""
-    conn = Conn(sock, "connection", side=SIDE, timeout=timeouts.handshake)
+    try:
+        conn = _accepted(sock, tls, timeouts)
+    except (OSError, ValueError) as exc:  # gone before we could even set it up
+        log(f"dropped a connection: {exc}")
+        sock.close()
+        pending.release_on_behalf_of(sock)
+        return
     where = format_address(*conn.peer[:2]) if conn.peer else "unknown peer"
     handed_over = released = False
     hello = None
     try:
-        # One deadline for the whole hello, not one per byte: a peer that trickles bytes
-        # must not hold its slot for ever.
+        # One deadline for the handshake and the whole hello, not one per byte: a peer that
+        # trickles bytes must not hold its slot for ever.
         with trio.move_on_after(timeouts.handshake):
+            if tls is not None:
+                await conn.run("tls", _server_handshake, conn)
             hello = await conn.run("hello", _read_hello, conn)
         if hello is None:
-            raise E.PeerTimeout(f"no complete hello within {timeouts.handshake:g}s",
-                                stage="hello")
+            raise E.PeerTimeout(f"no {'TLS handshake and ' if tls else ''}complete hello "
+                                f"within {timeouts.handshake:g}s", stage="hello")
         conn.label = hello.label()
+        if tls is not None and not tls.allows(identity := conn.peer_common_name()):
+            await conn.run("hello", conn.send_all,
+                           wire.encode_hello_reply(wire.HelloStatus.CLIENT_NOT_ALLOWED))
+            raise E.TlsError(f"client identity {identity!r} is not allowed "
+                             f"(--tls-allow-client)", stage="tls")
+        if isinstance(conn, TlsConn):
+            conn.peer_name = "the sender"
         if hello.role is wire.Role.DATA and not registry.session_known.is_set():
             # Still holding its pending slot: a flood of data hellos for sessions that never
             # come is bounded like a flood of silent connections.
@@ -151,7 +196,7 @@ async def _greet(sock: socket.socket, pending: trio.CapacityLimiter, registry: R
 
 
 async def _accept_loop(listener: trio.SocketListener, registry: Registry, timeouts: Timeouts,
-                       log, nursery: trio.Nursery) -> None:
+                       log, nursery: trio.Nursery, tls: T.ServerTls | None) -> None:
     pending = trio.CapacityLimiter(MAX_PENDING)
     quiet_until = 0.0  # accept errors are logged at most once a second
     while True:
@@ -171,17 +216,19 @@ async def _accept_loop(listener: trio.SocketListener, registry: Registry, timeou
             log(f"dropped a connection: {MAX_PENDING} connections already waiting for a hello")
             sock.close()
             continue
-        nursery.start_soon(_greet, sock, pending, registry, timeouts, log)
+        nursery.start_soon(_greet, sock, pending, registry, timeouts, log, tls)
 
 
 @asynccontextmanager
-async def open_registry(listeners: list[trio.SocketListener], timeouts: Timeouts, log):
+async def open_registry(listeners: list[trio.SocketListener], timeouts: Timeouts, log,
+                        tls: T.ServerTls | None = None):
     """Serve the listeners in the background; yield the Registry; stop and close on exit."""
     registry = Registry()
     try:
         async with trio.open_nursery() as nursery:
             for listener in listeners:
-                nursery.start_soon(_accept_loop, listener, registry, timeouts, log, nursery)
+                nursery.start_soon(_accept_loop, listener, registry, timeouts, log, nursery,
+                                   tls)
             yield registry
             nursery.cancel_scope.cancel()
     finally:

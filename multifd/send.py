@@ -16,8 +16,10 @@ reads the peer's reason when ours is only "the connection broke".
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import ssl
 import uuid
 from contextlib import asynccontextmanager
 
@@ -27,7 +29,8 @@ from . import control
 from . import errors as E
 from . import wire
 from .address import format_address
-from .conn import Conn, collapse_group
+from . import tls as T
+from .conn import Conn, TlsConn, collapse_group
 from .digest import DigestSum
 from .image import SourceImage
 from .pump import BlockSender, Counters
@@ -58,8 +61,9 @@ def _reason(exc: OSError) -> str:
     return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
-async def dial(host: str, port: int, hello: wire.Hello, timeouts: Timeouts) -> Conn:
-    """Connect and say hello; returns only a fully established channel."""
+async def dial(host: str, port: int, hello: wire.Hello, timeouts: Timeouts,
+               tls: T.ClientTls | None = None) -> Conn:
+    """Connect, secure (with TLS) and say hello; returns only a fully established channel."""
     label = hello.label()
     try:
         with trio.fail_after(timeouts.connect):
@@ -71,10 +75,24 @@ async def dial(host: str, port: int, hello: wire.Hello, timeouts: Timeouts) -> C
     except OSError as exc:
         raise E.TransportError(f"cannot connect to {format_address(host, port)}: {_reason(exc)}",
                                side=SIDE, channel=label, stage="connect") from None
-    conn = Conn(socket.socket(fileno=stream.socket.detach()), label, side=SIDE,
-                timeout=timeouts.handshake)
+    raw = socket.socket(fileno=stream.socket.detach())
     try:
-        await conn.run("hello", _hello_exchange, conn, hello)
+        conn = _secure(raw, host, label, tls, timeouts) if tls else Conn(
+            raw, label, side=SIDE, timeout=timeouts.handshake)
+    except BaseException:
+        raw.close()
+        raise
+    try:
+        # One deadline for TLS and hello together, as the receiver has.
+        with trio.move_on_after(timeouts.handshake) as deadline:
+            if tls is not None:
+                await conn.run("tls", conn.handshake)
+            await conn.run("hello", _hello_exchange, conn, hello)
+        if deadline.cancelled_caught:
+            raise E.PeerTimeout(f"no TLS handshake and hello reply within "
+                                f"{timeouts.handshake:g}s" if tls else
+                                f"no hello reply within {timeouts.handshake:g}s",
+                                side=SIDE, channel=label, stage="tls" if tls else "hello")
         conn.set_timeout(timeouts.idle)
     except BaseException:
         conn.close()
@@ -82,13 +100,27 @@ async def dial(host: str, port: int, hello: wire.Hello, timeouts: Timeouts) -> C
     return conn
 
 
+def _secure(raw: socket.socket, host: str, label: str, tls: T.ClientTls,
+            timeouts: Timeouts) -> TlsConn:
+    name = tls.hostname or host
+    try:
+        sock = tls.context.wrap_socket(raw, server_hostname=name, do_handshake_on_connect=False,
+                                       suppress_ragged_eofs=False)
+    except (ValueError, ssl.SSLError) as exc:  # a name ssl cannot check, e.g. empty
+        raise E.UsageError(f"--tls-hostname {name!r}: {exc}") from None
+    hint = "" if tls.has_identity else (f", and this sender has none ({T.CLIENT_CERT} "
+                                        f"is not in the --tls directory)")
+    return TlsConn(sock, label, side=SIDE, timeout=timeouts.handshake,
+                   peer_name="the receiver", hostname=name, hint=hint)
+
+
 @asynccontextmanager
 async def open_sender_channels(host: str, port: int, session_id: bytes, channels: int,
-                               timeouts: Timeouts):
+                               timeouts: Timeouts, tls: T.ClientTls | None = None):
     established: dict[object, Conn] = {}  # the close-on-exit set
 
     async def attempt(key: object, hello: wire.Hello) -> None:
-        established[key] = await dial(host, port, hello, timeouts)
+        established[key] = await dial(host, port, hello, timeouts, tls)
 
     try:
         try:
@@ -120,7 +152,7 @@ async def _channel_task(sender: BlockSender, batches, limiter: RateLimiter | Non
         if limiter is not None:
             limiter.refund(budget - sent)
     await conn.run("sync", sender.send_marker, wire.PacketKind.SYNC, 0)
-    await conn.run("finish", sender.send_marker, wire.PacketKind.END, 1)
+    await conn.run("finish", sender.finish, 1)
 
 
 async def _produce(batches_tx, nblocks: int, batch_blocks: int) -> None:
@@ -148,7 +180,8 @@ async def _pump_all(senders: list[BlockSender], session: wire.Session,
 async def send_image(host: str, port: int, path: str, *, channels: int = 4,
                      page_size: int = DEFAULT_PAGE_SIZE, block_pages: int = DEFAULT_BLOCK_PAGES,
                      max_bandwidth: float | None = None, timeouts: Timeouts = Timeouts(),
-                     on_progress=None, on_complete=None) -> Report:
+                     tls: T.ClientTls | None = None, on_progress=None,
+                     on_complete=None) -> Report:
     """Migrate the image at `path` to the receiver at host:port. Raises MultifdError.
 
     on_complete(report) is called the moment the receiver's DONE confirmed the image, before
@@ -171,7 +204,7 @@ async def send_image(host: str, port: int, path: str, *, channels: int = 4,
                 f"--idle-timeout)")
         started = trio.current_time()
         session_id = uuid.uuid4().bytes
-        async with open_sender_channels(host, port, session_id, channels, timeouts) as (
+        async with open_sender_channels(host, port, session_id, channels, timeouts, tls) as (
                 ctl, datas):
             senders = [BlockSender(conn, source, session) for conn in datas]
             try:
@@ -206,4 +239,8 @@ async def send_image(host: str, port: int, path: str, *, channels: int = 4,
                 if reported is exc:
                     raise
                 raise reported from None
+            # DONE decided the outcome; the TLS close that follows only ends the stream
+            # politely, and a peer that skips it cannot undo a verified migration.
+            with contextlib.suppress(E.MultifdError):
+                await ctl.end_stream("finish")
         return report

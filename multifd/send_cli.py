@@ -11,7 +11,7 @@ gc.disable()
 
 import functools  # noqa: E402
 
-from . import cli, wire
+from . import cli, tls, wire
 from .address import parse_address
 from .send import send_image
 from .settings import DEFAULT_BLOCK_PAGES, DEFAULT_CHANNELS, DEFAULT_PAGE_SIZE
@@ -39,21 +39,31 @@ def build_parser() -> cli.Parser:
                    help=f"page size, a power of two (default {DEFAULT_PAGE_SIZE})")
     p.add_argument("--packet-pages", type=int, default=DEFAULT_BLOCK_PAGES, metavar="N",
                    help=f"pages per packet (default {DEFAULT_BLOCK_PAGES})")
+    p.add_argument("--tls", metavar="DIR", help="mutual TLS with the credentials in DIR "
+                   "(ca-cert.pem, client-cert.pem, client-key.pem: QEMU's names)")
+    p.add_argument("--tls-hostname", metavar="NAME", help="check the receiver's certificate "
+                   "against NAME instead of the host in ADDRESS")
     cli.add_common(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     host, port = cli.usage_guard(PROG, args.json, "sender",
                                  functools.partial(parse_address, args.address))
     if port == 0:
-        build_parser().error(f"address {args.address!r}: port 0 is only for listening")
+        parser.error(f"address {args.address!r}: port 0 is only for listening")
+    if args.tls_hostname is not None and args.tls is None:
+        parser.error("--tls-hostname needs --tls")
+    credentials = None if args.tls is None else cli.usage_guard(
+        PROG, args.json, "sender", functools.partial(tls.client_tls, args.tls,
+                                                     args.tls_hostname))
     completed: list = []
     main_fn = functools.partial(
         send_image, host, port, args.image, channels=args.channels, page_size=args.page_size,
         block_pages=args.packet_pages, max_bandwidth=args.max_bandwidth,
-        timeouts=cli.timeouts_from(args),
+        timeouts=cli.timeouts_from(args), tls=credentials,
         on_progress=cli.progress_printer("sending", not args.quiet and not args.json),
         on_complete=completed.append)
     return cli.run(PROG, "sender", main_fn, args.json, completed)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from . import errors as E
 
 MAGIC = 0x4D464431  # "MFD1": starts every hello and hello reply
+MAGIC_BYTES = MAGIC.to_bytes(4, "big")  # as it appears first on the wire
 PACKET_MAGIC = 0x4D464450  # "MFDP": starts every data packet
 VERSION = 1
 
@@ -43,6 +44,8 @@ class HelloStatus(enum.IntEnum):
     DUPLICATE_CHANNEL = 4
     BUSY = 5
     BAD_HELLO = 6
+    TLS_REQUIRED = 7
+    CLIENT_NOT_ALLOWED = 8
 
 
 HELLO_STATUS_TEXT = {
@@ -53,6 +56,9 @@ HELLO_STATUS_TEXT = {
     HelloStatus.DUPLICATE_CHANNEL: "duplicate channel id",
     HelloStatus.BUSY: "receiver is busy with another migration",
     HelloStatus.BAD_HELLO: "malformed hello",
+    HelloStatus.TLS_REQUIRED: "this receiver accepts TLS connections only (use --tls)",
+    HelloStatus.CLIENT_NOT_ALLOWED: "our client certificate's identity is not allowed "
+                                    "(--tls-allow-client on the receiver)",
 }
 
 

@@ -214,7 +214,7 @@ def test_hello_reply_layout():
 
 
 def test_hello_status_and_enum_values_match_the_document():
-    assert [int(s) for s in HelloStatus] == [0, 1, 2, 3, 4, 5, 6]
+    assert [int(s) for s in HelloStatus] == [0, 1, 2, 3, 4, 5, 6, 7, 8]
     assert (Role.CONTROL, Role.DATA) == (1, 2)
     assert [int(t) for t in W.ControlType] == [1, 2, 3, 4, 5, 6]
     assert (PacketKind.PAGES, PacketKind.SYNC, PacketKind.END) == (1, 2, 3)
@@ -660,8 +660,8 @@ REPLY_ERRORS = {
                   [r"(expected|we speak) 1\b"]),
     "version-0-busy": (reply_raw(version=0, status=HelloStatus.BUSY), E.BadVersion,
                        [r"version 0\b"], [r"(expected|we speak) 1\b"]),
-    "unknown-status": (reply_raw(status=7), E.RemoteProtocolError, [r"status 7\b"],
-                       [r"expected|0\.\.6"]),
+    "unknown-status": (reply_raw(status=9), E.RemoteProtocolError, [r"status 9\b"],
+                       [r"expected|0\.\.8"]),
     "reserved": (reply_raw(reserved=1), E.RemoteProtocolError, [r"\b1\b"], [r"expected zero"]),
 }
 
