@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: all venv demo test bench iperf3 clean
+.PHONY: all venv certs demo test bench iperf3 clean
 
 all: test
 
@@ -20,8 +20,17 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-demo: venv
-	$(PY) -m multifd.demo
+# A development CA, receiver and sender certificates under certs/ (QEMU's file names), made
+# once; the keys are never committed. `multifd-certs --force` replaces them.
+CERTS := certs/ca-cert.pem certs/server-cert.pem certs/server-key.pem \
+         certs/client-cert.pem certs/client-key.pem
+certs: $(CERTS)
+$(CERTS) &: | $(STAMP)
+	$(VENV)/bin/multifd-certs certs --server-name localhost --server-name 127.0.0.1 \
+	  --server-name ::1
+
+demo: venv certs
+	$(PY) -m multifd.demo --tls certs
 
 test: venv
 	$(PY) -m pytest -q

@@ -1,17 +1,29 @@
-"""multifd-bench [--size 1G] [--channels 4] [--dir /dev/shm] [--repeat 1] [--json] ...
+"""multifd-bench [--size 1G] [--channels 4] [--dir /dev/shm] [--repeat 1] [--cases LIST]
+[--json] ...
 
 How fast is multifd compared with what the machine can do? Each case moves one random image
 over loopback TCP and is timed as the whole sender process, from spawn to exit, so startup,
 handshake and the final verification count, as they do for a user:
 
-  raw-newfile      multifd.rawcopy (the least code that does the job) into a new file
-  multifd-newfile  multifd-send -> multifd-recv OUTPUT, output compared byte for byte
-  iperf3           iperf3 -P N -n SIZE: what loopback TCP itself gives, no file at all
-  multifd-discard  multifd-send -> multifd-recv --discard
-  raw-discard      multifd.rawcopy with no output file
+  raw-newfile          multifd.rawcopy (the least code that does the job) into a new file
+  multifd-newfile      multifd-send -> multifd-recv OUTPUT, output compared byte for byte
+  multifd-tls-newfile  the same with --tls on both sides: mutual TLS 1.3 on every channel
+  iperf3               iperf3 -P N -n SIZE: what loopback TCP itself gives, no file at all
+  multifd-discard      multifd-send -> multifd-recv --discard
+  multifd-tls-discard  the same with --tls on both sides
+  raw-discard          multifd.rawcopy with no output file
 
 and reported with the CPU seconds per GiB of each process (from wait4). The goals:
-multifd-newfile reaches 0.80 of raw-newfile, multifd-discard 0.50 of iperf3.
+multifd-newfile reaches 0.80 of raw-newfile, multifd-discard 0.50 of iperf3, and with TLS
+multifd-tls-discard moves at least 1.0 GB/s and multifd-tls-newfile 0.7 GB/s (GB = 1e9
+bytes, over the whole sender run like every figure here). What TLS costs is shown as the
+ratios tls/plain for discard and new file, with no goal. The TLS cases use a CA, server
+(127.0.0.1) and client certificate made once per bench run in a private temporary directory
+(certs.generate), which is removed at the end, also when the bench fails, is interrupted
+or gets SIGTERM (which, like ^C, first kills the processes under test).
+
+--cases runs only the listed cases (comma-separated, in the order above); a ratio or goal
+whose cases did not run shows as n/a, and a case not selected counts as skipped, not failed.
 
 On this kind of VM memory freed by the guest goes back to the host, and the first write into
 such memory is several times slower; a run into a new file would then measure what ran before
@@ -21,25 +33,39 @@ write and delete a file of the image's size (prime).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
 import re
 import select
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
-from . import cli, wire
+from . import certs, cli, wire
+from .errors import UsageError
 from .mkimage import parse_size, write_image
 
 PROG = "multifd-bench"
-CASES = ("raw-newfile", "multifd-newfile", "iperf3", "multifd-discard", "raw-discard")
+# Each TLS case sits beside its plain one: the order alternates between repeats, and a case's
+# timing depends on what ran just before it.
+CASES = ("raw-newfile", "multifd-newfile", "multifd-tls-newfile", "iperf3", "multifd-discard",
+         "multifd-tls-discard", "raw-discard")
+TLS_CASES = ("multifd-tls-newfile", "multifd-tls-discard")
+# (case, reference case, least ratio of their GB/s)
 GOALS = (("multifd-newfile", "raw-newfile", 0.80), ("multifd-discard", "iperf3", 0.50))
+# (case, least GB/s)
+RATE_GOALS = (("multifd-tls-newfile", 0.7), ("multifd-tls-discard", 1.0))
+# (label, case, reference case): informational ratios, no goal
+TLS_RATIOS = (("tls/plain newfile", "multifd-tls-newfile", "multifd-newfile"),
+              ("tls/plain discard", "multifd-tls-discard", "multifd-discard"))
 GIB = 1 << 30
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
 
@@ -120,6 +146,20 @@ class Bench:
         self.iperf3 = None if args.skip_iperf else shutil.which("iperf3")
         self.multifd = {"multifd-send": _tool("multifd-send", "multifd.send_cli"),
                         "multifd-recv": _tool("multifd-recv", "multifd.recv_cli")}
+        self.tls_dir: str | None = None  # the credentials of the TLS cases, while they exist
+
+    # -- TLS credentials ----------------------------------------------------------------
+
+    def make_credentials(self) -> None:
+        """A CA, a server certificate for 127.0.0.1 and a client certificate, in a private
+        (0700) temporary directory that drop_credentials removes."""
+        self.tls_dir = tempfile.mkdtemp(prefix="multifd-bench-tls-")
+        certs.generate(self.tls_dir, ["127.0.0.1"])  # a failed write is a UsageError
+
+    def drop_credentials(self) -> None:
+        if self.tls_dir is not None:
+            shutil.rmtree(self.tls_dir, ignore_errors=True)
+            self.tls_dir = None
 
     # -- files --------------------------------------------------------------------------
 
@@ -171,8 +211,10 @@ class Bench:
         try:
             if case == "iperf3":
                 return self.case_iperf3()
-            kind = self.case_raw if case.startswith("raw") else self.case_multifd
-            result = kind(discard=not newfile)
+            if case.startswith("raw-"):
+                result = self.case_raw(discard=not newfile)
+            else:
+                result = self.case_multifd(discard=not newfile, tls=case in TLS_CASES)
             if newfile:
                 if not self.output_identical():
                     raise BenchError("output differs from the image")
@@ -217,13 +259,16 @@ class Bench:
                     raise BenchError(f"{side.label} moved {got} bytes, not {self.size}")
             return _stats(srv, cln, check="byte counts")
 
-    def case_multifd(self, discard: bool) -> dict:
+    def case_multifd(self, discard: bool, tls: bool = False) -> dict:
+        if tls and self.tls_dir is None:
+            raise BenchError("no TLS credentials (make_credentials was not called)")
+        secure = ["--tls", self.tls_dir] if tls else []
         server = ("multifd-recv", self.multifd["multifd-recv"] + [
-            "--listen", "127.0.0.1:0", "--quiet", "--json"]
+            "--listen", "127.0.0.1:0", "--quiet", "--json", *secure]
             + (["--discard"] if discard else [self.output]))
         client = ("multifd-send", lambda port: self.multifd["multifd-send"] + [
             f"127.0.0.1:{port}", self.image, "--channels", str(self.channels), "--quiet",
-            "--json"])
+            "--json", *secure])
         with self.pair(server, _stderr_port, client) as (srv, cln):
             reports = [srv.json(), cln.json()]
             if not all(r.get("ok") and r.get("bytes") == self.size for r in reports) or \
@@ -316,7 +361,17 @@ def summarize(size: int, runs: dict, errors: dict, skipped: dict) -> dict:
                                   "pass": None if value is None else value >= goal}
         if value is not None and "reported_gbps" in b:
             ratios[f"{num}/{den}"]["value_vs_reported"] = a["gbps"] / b["reported_gbps"]
-    return {"cases": cases, "ratios": ratios}
+    rate_goals = {}
+    for case, goal in RATE_GOALS:
+        value = cases[case]["gbps"] if cases[case].get("ok") else None
+        rate_goals[case] = {"gbps": value, "goal_gbps": goal,
+                            "pass": None if value is None else value >= goal}
+    tls_ratios = {}
+    for label, num, den in TLS_RATIOS:
+        a, b = cases[num], cases[den]
+        tls_ratios[label] = {"value": a["gbps"] / b["gbps"] if a.get("ok") and b.get("ok")
+                             else None, "ratio": f"{num}/{den}"}
+    return {"cases": cases, "ratios": ratios, "rate_goals": rate_goals, "tls_ratios": tls_ratios}
 
 
 def table(result: dict) -> str:
@@ -324,30 +379,59 @@ def table(result: dict) -> str:
     lines = [f"{PROG}: {r['size'] / GIB:g} GiB random image in {r['dir']}, "
              f"{r['channels']} channels, median of {r['repeat']} run(s)"
              f"{' (kept image reused)' if r['image_reused'] else ''}", "",
-             f"{'case':<16} {'seconds':>8} {'GB/s':>7} {'send CPU':>9} {'recv CPU':>9}  check",
-             f"{'':<16} {'':>8} {'':>7} {'s/GiB':>9} {'s/GiB':>9}"]
+             f"{'case':<20} {'seconds':>8} {'GB/s':>7} {'send CPU':>9} {'recv CPU':>9}  check",
+             f"{'':<20} {'':>8} {'':>7} {'s/GiB':>9} {'s/GiB':>9}"]
     for case, c in r["cases"].items():
         if c["ok"]:
             check = c["check"]
             if "reported_gbps" in c:
                 check += f"; iperf3 reports {c['reported_gbps']:.2f} GB/s"
-            lines.append(f"{case:<16} {c['seconds']:>8.3f} {c['gbps']:>7.2f} "
+            lines.append(f"{case:<20} {c['seconds']:>8.3f} {c['gbps']:>7.2f} "
                          f"{c['sender_cpu_s_per_gib']:>9.3f} {c['receiver_cpu_s_per_gib']:>9.3f}"
                          f"  {check}")
         else:
             why = f"skipped: {c['skipped']}" if c["ok"] is None else f"FAILED: {c['error']}"
-            lines.append(f"{case:<16} {'-':>8} {'-':>7} {'-':>9} {'-':>9}  {why}")
+            lines.append(f"{case:<20} {'-':>8} {'-':>7} {'-':>9} {'-':>9}  {why}")
     lines.append("")
+
+    def missing(names) -> str:
+        return ", ".join(c for c in names if not r["cases"][c]["ok"])
+
     for name, q in r["ratios"].items():
         if q["value"] is None:
-            missing = ", ".join(c for c in name.split("/") if not r["cases"][c]["ok"])
-            lines.append(f"{name:<32} n/a    (goal >= {q['goal']:.2f}; no {missing} result)")
+            lines.append(f"{name:<32} n/a    (goal >= {q['goal']:.2f}; "
+                         f"no {missing(name.split('/'))} result)")
             continue
         extra = (f"  ({q['value_vs_reported']:.2f} against iperf3's own rate)"
                  if "value_vs_reported" in q else "")
         lines.append(f"{name:<32} {q['value']:.2f}   (goal >= {q['goal']:.2f})  "
                      f"{'PASS' if q['pass'] else 'MISS'}{extra}")
+    for case, q in r["rate_goals"].items():
+        name = f"{case} GB/s"
+        if q["gbps"] is None:
+            lines.append(f"{name:<32} n/a    (goal >= {q['goal_gbps']:.2f}; no {case} result)")
+            continue
+        lines.append(f"{name:<32} {q['gbps']:.2f}   (goal >= {q['goal_gbps']:.2f})  "
+                     f"{'PASS' if q['pass'] else 'MISS'}")
+    for name, q in r["tls_ratios"].items():
+        if q["value"] is None:
+            lines.append(f"{name:<32} n/a    (no goal; no {missing(q['ratio'].split('/'))} "
+                         "result)")
+            continue
+        lines.append(f"{name:<32} {q['value']:.2f}   ({q['ratio']}, no goal)")
     return "\n".join(lines)
+
+
+def _case_list(text: str) -> tuple[str, ...]:
+    """'multifd-tls-discard,multifd-discard' -> those cases, in CASES order."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("no case named")
+    unknown = [name for name in names if name not in CASES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown case {', '.join(map(repr, unknown))} "
+                                         f"(cases: {','.join(CASES)})")
+    return tuple(case for case in CASES if case in names)
 
 
 def build_parser() -> cli.Parser:
@@ -368,7 +452,21 @@ def build_parser() -> cli.Parser:
     p.add_argument("--keep", action="store_true",
                    help="keep the image for the next run (reused when its size matches)")
     p.add_argument("--skip-iperf", action="store_true", help="do not run the iperf3 case")
+    p.add_argument("--cases", type=_case_list, default=CASES, metavar="LIST",
+                   help="comma-separated cases to run, always in this order (default all): "
+                   + ", ".join(CASES))
     return p
+
+
+class _Terminated(Exception):
+    """SIGTERM, raised in the main thread so that every finally (children, keys) runs."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    # Once: a second SIGTERM must not cut short the cleanup the first one started. main()
+    # puts the previous handler back when it is done.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise _Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -381,14 +479,20 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.isdir(args.dir) or not os.access(args.dir, os.W_OK | os.X_OK):
         parser.error(f"--dir {args.dir} is not a writable directory")
     bench = Bench(args)
-    skipped = {}
-    if args.skip_iperf:
-        skipped["iperf3"] = "--skip-iperf"
-    elif bench.iperf3 is None:
-        skipped["iperf3"] = "iperf3 not installed (apt-get install iperf3)"
+    skipped = {case: "not in --cases" for case in CASES if case not in args.cases}
+    if "iperf3" not in skipped:
+        if args.skip_iperf:
+            skipped["iperf3"] = "--skip-iperf"
+        elif bench.iperf3 is None:
+            skipped["iperf3"] = "iperf3 not installed (apt-get install iperf3)"
     runs: dict = {case: [] for case in CASES}
     errors: dict = {}
+    # Only where signal handlers can be set (main() may be called from a thread).
+    sigterm = (signal.signal(signal.SIGTERM, _on_sigterm)
+               if threading.current_thread() is threading.main_thread() else None)
     try:
+        if any(case not in skipped for case in TLS_CASES):
+            bench.make_credentials()
         reused = bench.prepare_image()
         for k in range(args.repeat):
             # Alternate the order: what ran just before a case changes its timing on this
@@ -407,13 +511,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-    except OSError as exc:
+    except _Terminated:
+        print(f"{PROG}: terminated", file=sys.stderr)
+        return 143
+    except (OSError, UsageError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
     finally:
-        bench.drop_outputs()
-        if not args.keep:
-            _unlink(bench.image)
+        try:
+            bench.drop_credentials()
+            bench.drop_outputs()
+            if not args.keep:
+                _unlink(bench.image)
+        finally:
+            if sigterm is not None:
+                signal.signal(signal.SIGTERM, sigterm)
     result = {"size": args.size, "channels": args.channels, "dir": args.dir,
               "repeat": args.repeat, "image_reused": reused,
               **summarize(args.size, runs, errors, skipped)}

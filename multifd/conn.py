@@ -21,6 +21,7 @@ from __future__ import annotations
 import socket
 import ssl
 import struct
+import time
 
 import trio
 
@@ -292,6 +293,24 @@ class TlsConn(Conn):
     def close_stream(self) -> None:
         """Send our TLS close and wait for the peer's: returns only if the stream ended whole."""
         self.sock.unwrap()
+
+    def drain(self, seconds: float) -> None:
+        """After a failed handshake, end our side and read until the peer leaves: closing with
+        its bytes unread would reset the connection, and the reset can overtake the alert
+        that tells the peer why."""
+        socket.socket.shutdown(self.sock, socket.SHUT_WR)
+        self.sock.settimeout(seconds)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and socket.socket.recv(self.sock, 1 << 16):
+            pass
+
+    def error(self, exc: BaseException, stage: str) -> E.MultifdError:
+        if stage == "tls" and isinstance(exc, (ConnectionError, ssl.SSLEOFError)):
+            # What a peer without TLS does with our ClientHello: it is not its protocol.
+            return E.TlsError(f"{self.peer_name} closed the connection during the TLS "
+                              f"handshake (does it use --tls?)", side=self.side,
+                              channel=self.label, stage=stage)
+        return super().error(exc, stage)
 
     def explain_tls(self, exc: ssl.SSLError, stage: str) -> str:
         return tls.explain(exc, peer=self.peer_name, name=self.hostname,

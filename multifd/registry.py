@@ -14,6 +14,7 @@ connection handed to it and closes them all when the receiver leaves `open_regis
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from contextlib import asynccontextmanager
 
@@ -29,6 +30,7 @@ from .settings import Timeouts
 # Connections that have not yet sent a complete hello, at once: more than a whole migration's
 # (64 data channels and the control channel arrive together), few enough to bound a flood.
 MAX_PENDING = 128
+TLS_DRAIN = 1.0  # how long a refused TLS peer gets to read our alert
 SIDE = "receiver"
 
 
@@ -108,7 +110,9 @@ def _server_handshake(conn: TlsConn) -> None:
     plain hello reply that tells it why, instead of a TLS error it cannot read."""
     plain = conn.sock  # the plain socket's methods, before TLS takes over the stream
     first = socket.socket.recv(plain, len(wire.MAGIC_BYTES), socket.MSG_PEEK)
-    if first and wire.MAGIC_BYTES.startswith(first):
+    if not first:
+        raise E.PeerClosed("closed before saying anything")
+    if wire.MAGIC_BYTES.startswith(first):
         got = b""
         while len(got) < wire.HELLO.size:  # read it all: closing on unread bytes resets
             chunk = socket.socket.recv(plain, wire.HELLO.size - len(got))
@@ -188,6 +192,9 @@ async def _greet(sock: socket.socket, pending: trio.CapacityLimiter, registry: R
         handed_over = True
     except E.MultifdError as exc:
         log(f"dropped {conn.label} from {where}: {exc.stage or 'hello'}: {exc.message}")
+        if isinstance(exc, E.TlsError) and isinstance(conn, TlsConn):
+            with contextlib.suppress(E.MultifdError, OSError):
+                await conn.run("tls", conn.drain, TLS_DRAIN)
     finally:
         if not released:
             pending.release_on_behalf_of(sock)

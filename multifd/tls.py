@@ -148,6 +148,8 @@ _NOT_TLS = {
     "RECORD_LAYER_FAILURE": "{peer} does not speak TLS",
     "UNEXPECTED_EOF_WHILE_READING": "{peer} closed the connection{during}",
     "NO_SHARED_CIPHER": "{peer} offers no cipher we accept",
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "{peer} sent no client certificate, and this receiver "
+                                         "requires one",
 }
 # X509_V_ERR_* codes of the peer certificate check.
 _VERIFY = {
@@ -186,4 +188,4 @@ def explain(exc: BaseException, *, peer: str, name: str | None = None, handshake
             return table[reason].format(**fields)
     if isinstance(exc, ssl.SSLEOFError):
         return _NOT_TLS["UNEXPECTED_EOF_WHILE_READING"].format(**fields)
-    return f"TLS: {reason.lower().replace('_', ' ') if reason else exc}"
+    return reason.lower().replace("_", " ") if reason else str(exc)
