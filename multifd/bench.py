@@ -11,16 +11,19 @@ handshake and the final verification count, as they do for a user:
   iperf3               iperf3 -P N -n SIZE: what loopback TCP itself gives, no file at all
   multifd-discard      multifd-send -> multifd-recv --discard
   multifd-tls-discard  the same with --tls on both sides
+  raw-tls-discard      multifd.rawcopy --tls (stdlib ssl, mutual TLS 1.3), no output file
   raw-discard          multifd.rawcopy with no output file
 
 and reported with the CPU seconds per GiB of each process (from wait4). The goals:
 multifd-newfile reaches 0.80 of raw-newfile, multifd-discard 0.50 of iperf3, and with TLS
 multifd-tls-discard moves at least 1.0 GB/s and multifd-tls-newfile 0.7 GB/s (GB = 1e9
 bytes, over the whole sender run like every figure here). What TLS costs is shown as the
-ratios tls/plain for discard and new file, with no goal. The TLS cases use a CA, server
-(127.0.0.1) and client certificate made once per bench run in a private temporary directory
-(certs.generate), which is removed at the end, also when the bench fails, is interrupted
-or gets SIGTERM (which, like ^C, first kills the processes under test).
+ratios tls/plain for discard and new file, and multifd's TLS against the least Python code
+that does TLS as the ratio multifd-tls-discard/raw-tls-discard, all with no goal. The TLS
+cases (multifd's and rawcopy's) use a CA, server (127.0.0.1) and client certificate made once
+per bench run in a private temporary directory (certs.generate), which is removed at the end,
+also when the bench fails, is interrupted or gets SIGTERM (which, like ^C, first kills the
+processes under test).
 
 --cases runs only the listed cases (comma-separated, in the order above); a ratio or goal
 whose cases did not run shows as n/a, and a case not selected counts as skipped, not failed.
@@ -57,16 +60,18 @@ PROG = "multifd-bench"
 # Each TLS case sits beside its plain one: the order alternates between repeats, and a case's
 # timing depends on what ran just before it.
 CASES = ("raw-newfile", "multifd-newfile", "multifd-tls-newfile", "iperf3", "multifd-discard",
-         "multifd-tls-discard", "raw-discard")
-TLS_CASES = ("multifd-tls-newfile", "multifd-tls-discard")
+         "multifd-tls-discard", "raw-tls-discard", "raw-discard")
+TLS_CASES = ("multifd-tls-newfile", "multifd-tls-discard", "raw-tls-discard")
 # (case, reference case, least ratio of their GB/s)
 GOALS = (("multifd-newfile", "raw-newfile", 0.80), ("multifd-discard", "iperf3", 0.50))
 # (case, least GB/s)
 RATE_GOALS = (("multifd-tls-newfile", 0.7), ("multifd-tls-discard", 1.0))
 # (label, case, reference case): informational ratios, no goal
 TLS_RATIOS = (("tls/plain newfile", "multifd-tls-newfile", "multifd-newfile"),
-              ("tls/plain discard", "multifd-tls-discard", "multifd-discard"))
+              ("tls/plain discard", "multifd-tls-discard", "multifd-discard"),
+              ("multifd-tls-discard/raw-tls-discard", "multifd-tls-discard", "raw-tls-discard"))
 GIB = 1 << 30
+NAME_WIDTH = 35  # of the ratio and goal names in the table: the longest one fits
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
 
 
@@ -212,7 +217,7 @@ class Bench:
             if case == "iperf3":
                 return self.case_iperf3()
             if case.startswith("raw-"):
-                result = self.case_raw(discard=not newfile)
+                result = self.case_raw(discard=not newfile, tls=case in TLS_CASES)
             else:
                 result = self.case_multifd(discard=not newfile, tls=case in TLS_CASES)
             if newfile:
@@ -246,13 +251,16 @@ class Bench:
             for child in children:
                 child.close()
 
-    def case_raw(self, discard: bool) -> dict:
+    def case_raw(self, discard: bool, tls: bool = False) -> dict:
+        if tls and self.tls_dir is None:
+            raise BenchError("no TLS credentials (make_credentials was not called)")
         raw = [sys.executable, "-m", "multifd.rawcopy"]
         n = str(self.channels)
-        server = ("rawcopy recv", raw + ["recv", "--listen", "127.0.0.1:0", "--channels", n]
-                  + (["--discard"] if discard else [self.output]))
-        client = ("rawcopy send",
-                  lambda port: raw + ["send", f"127.0.0.1:{port}", self.image, "--channels", n])
+        secure = ["--tls", self.tls_dir] if tls else []
+        server = ("rawcopy recv", raw + ["recv", "--listen", "127.0.0.1:0", "--channels", n,
+                                         *secure] + (["--discard"] if discard else [self.output]))
+        client = ("rawcopy send", lambda port: raw + [
+            "send", f"127.0.0.1:{port}", self.image, "--channels", n, *secure])
         with self.pair(server, _stderr_port, client) as (srv, cln):
             for side in (srv, cln):
                 if (got := side.json().get("bytes")) != self.size:
@@ -399,26 +407,28 @@ def table(result: dict) -> str:
 
     for name, q in r["ratios"].items():
         if q["value"] is None:
-            lines.append(f"{name:<32} n/a    (goal >= {q['goal']:.2f}; "
+            lines.append(f"{name:<{NAME_WIDTH}} n/a    (goal >= {q['goal']:.2f}; "
                          f"no {missing(name.split('/'))} result)")
             continue
         extra = (f"  ({q['value_vs_reported']:.2f} against iperf3's own rate)"
                  if "value_vs_reported" in q else "")
-        lines.append(f"{name:<32} {q['value']:.2f}   (goal >= {q['goal']:.2f})  "
+        lines.append(f"{name:<{NAME_WIDTH}} {q['value']:.2f}   (goal >= {q['goal']:.2f})  "
                      f"{'PASS' if q['pass'] else 'MISS'}{extra}")
     for case, q in r["rate_goals"].items():
         name = f"{case} GB/s"
         if q["gbps"] is None:
-            lines.append(f"{name:<32} n/a    (goal >= {q['goal_gbps']:.2f}; no {case} result)")
+            lines.append(f"{name:<{NAME_WIDTH}} n/a    (goal >= {q['goal_gbps']:.2f}; "
+                         f"no {case} result)")
             continue
-        lines.append(f"{name:<32} {q['gbps']:.2f}   (goal >= {q['goal_gbps']:.2f})  "
+        lines.append(f"{name:<{NAME_WIDTH}} {q['gbps']:.2f}   (goal >= {q['goal_gbps']:.2f})  "
                      f"{'PASS' if q['pass'] else 'MISS'}")
     for name, q in r["tls_ratios"].items():
         if q["value"] is None:
-            lines.append(f"{name:<32} n/a    (no goal; no {missing(q['ratio'].split('/'))} "
-                         "result)")
+            lines.append(f"{name:<{NAME_WIDTH}} n/a    (no goal; no "
+                         f"{missing(q['ratio'].split('/'))} result)")
             continue
-        lines.append(f"{name:<32} {q['value']:.2f}   ({q['ratio']}, no goal)")
+        what = "no goal" if name == q["ratio"] else f"{q['ratio']}, no goal"
+        lines.append(f"{name:<{NAME_WIDTH}} {q['value']:.2f}   ({what})")
     return "\n".join(lines)
 
 

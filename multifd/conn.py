@@ -22,6 +22,7 @@ import socket
 import ssl
 import struct
 import time
+import traceback
 
 import trio
 
@@ -276,8 +277,15 @@ class TlsConn(Conn):
                 self.sock.sendall(part)
             if scratch:
                 self.sock.sendall(scratch)
-        finally:
             scratch.clear()
+        except BaseException as exc:
+            # ssl.py's sendall is Python: its frames in the traceback hold views of the
+            # image window and of the scratch buffer, which would turn the window's unmapping
+            # (and the scratch's next resize) into a BufferError hiding the real failure.
+            traceback.clear_frames(exc.__traceback__)
+            self._scratch = bytearray()
+            raise
+        finally:
             part = None  # see Conn._send_group: no view of the window may outlive the call
             parts = None
 
@@ -306,10 +314,12 @@ class TlsConn(Conn):
 
     def error(self, exc: BaseException, stage: str) -> E.MultifdError:
         if stage == "tls" and isinstance(exc, (ConnectionError, ssl.SSLEOFError)):
-            # What a peer without TLS does with our ClientHello: it is not its protocol.
+            # What a receiver without TLS does with our ClientHello: not its protocol. (A
+            # sender without TLS is recognised by its hello before any handshake.)
+            hint = " (does it use --tls?)" if self.peer_name == "the receiver" else ""
             return E.TlsError(f"{self.peer_name} closed the connection during the TLS "
-                              f"handshake (does it use --tls?)", side=self.side,
-                              channel=self.label, stage=stage)
+                              f"handshake{hint}", side=self.side, channel=self.label,
+                              stage=stage)
         return super().error(exc, stage)
 
     def explain_tls(self, exc: ssl.SSLError, stage: str) -> str:

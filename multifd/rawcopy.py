@@ -4,6 +4,8 @@ N parallel TCP connections, with none of multifd's framing, digests or checks.
     python -m multifd.rawcopy recv --listen 127.0.0.1:0 --channels N (OUT | --discard)
     python -m multifd.rawcopy send HOST:PORT IMAGE --channels N
 
+(both also take --tls DIR, below).
+
 Chunk i of 512 KiB goes on connection i % N, preceded by a 12-byte header (offset u64,
 length u32). Each side has one thread per connection with blocking sockets and one reused
 buffer; the receiver pwrite()s each chunk at its offset. Both print one JSON line
@@ -11,6 +13,15 @@ buffer; the receiver pwrite()s each chunk at its offset. Both print one JSON lin
 
 The sender exits only after every connection was closed by the receiver, which it does once
 its last write returned: like multifd-send, the sender's exit means the data has landed.
+
+--tls DIR (the baseline of multifd's TLS cases) wraps every connection in stdlib ssl, TLS 1.3
+only, with mutual authentication from a directory laid out like multifd-certs makes it: the
+receiver presents server-cert.pem/server-key.pem and requires a client certificate signed by
+ca-cert.pem; the sender checks the receiver's certificate against ca-cert.pem and the host it
+connects to, and presents client-cert.pem/client-key.pem. Each connection does its handshake
+in its own thread, the receiver's started as soon as the connection is accepted. A stream ends
+with TLS closes both ways: the sender unwrap()s after its last chunk, the receiver answers
+once it has read to the end, after its last write; a stream cut without a close is an error.
 """
 
 from __future__ import annotations
@@ -44,42 +55,66 @@ def _recv_exact(sock: socket.socket, view: memoryview) -> int:
     return got
 
 
-def _run_threads(target, items) -> None:
-    errors: list[BaseException] = []
+def _tls_context(directory: str, server_side: bool) -> ssl.SSLContext:  # noqa: F821
+    """TLS 1.3 only, each side proving itself with a certificate signed by ca-cert.pem; the
+    client context also checks the name it connects to (PROTOCOL_TLS_CLIENT's default)."""
+    import ssl  # here: the plain copy, timed from its start, does not pay for loading it
 
-    def guarded(item):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(os.path.join(directory, "ca-cert.pem"))
+    role = "server" if server_side else "client"
+    ctx.load_cert_chain(os.path.join(directory, f"{role}-cert.pem"),
+                        os.path.join(directory, f"{role}-key.pem"))
+    return ctx
+
+
+class _Threads:
+    """One thread per connection, each started when its connection exists; join() waits for
+    all and re-raises the first error. Daemons: if accepting fails, the process can still
+    exit while served connections wait for their peer."""
+
+    def __init__(self, target) -> None:
+        self.target = target
+        self.threads: list[threading.Thread] = []
+        self.errors: list[BaseException] = []
+
+    def start(self, *args) -> None:
+        thread = threading.Thread(target=self._guarded, args=args, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def _guarded(self, *args) -> None:
         try:
-            target(item)
+            self.target(*args)
         except BaseException as exc:  # reported by the main thread
-            errors.append(exc)
+            self.errors.append(exc)
 
-    threads = [threading.Thread(target=guarded, args=(item,)) for item in items]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    def join(self) -> None:
+        for thread in self.threads:
+            thread.join()
+        if self.errors:
+            raise self.errors[0]
 
 
-def recv(listen: str, channels: int, out: str | None) -> int:
+def recv(listen: str, channels: int, out: str | None, tls: str | None = None) -> int:
     host, port = _split(listen)
+    ctx = None if tls is None else _tls_context(tls, server_side=True)
     fd = None if out is None else os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     total = [0] * channels
-    with socket.create_server((host, port), backlog=channels) as server:
-        bound = server.getsockname()
-        print(f"listening on {bound[0]}:{bound[1]}", file=sys.stderr, flush=True)
-        conns = [server.accept()[0] for _ in range(channels)]
-    start = time.perf_counter()
 
-    def serve(index: int) -> None:
-        with conns[index] as sock:
+    def serve(index: int, sock: socket.socket) -> None:
+        if ctx is not None:
+            # Handshake here, in this connection's thread: the main thread goes on accepting.
+            sock = ctx.wrap_socket(sock, server_side=True, suppress_ragged_eofs=False)
+        with sock:
             buf = memoryview(bytearray(CHUNK))
             head = memoryview(bytearray(HEADER.size))
             while True:
                 got = _recv_exact(sock, head)
                 if got == 0:
-                    return
+                    break
                 if got < HEADER.size:
                     raise EOFError("stream ended inside a header")
                 offset, length = HEADER.unpack(head)
@@ -90,9 +125,18 @@ def recv(listen: str, channels: int, out: str | None) -> int:
                     n = os.pwrite(fd, view, offset)
                     view, offset = view[n:], offset + n
                 total[index] += length
+            if ctx is not None:
+                sock.unwrap()  # the sender's close came: answer it, after our last write
 
+    threads = _Threads(serve)
     try:
-        _run_threads(serve, range(channels))
+        with socket.create_server((host, port), backlog=channels) as server:
+            bound = server.getsockname()
+            print(f"listening on {bound[0]}:{bound[1]}", file=sys.stderr, flush=True)
+            for index in range(channels):
+                threads.start(index, server.accept()[0])
+        start = time.perf_counter()
+        threads.join()
     finally:
         if fd is not None:
             os.close(fd)
@@ -100,17 +144,21 @@ def recv(listen: str, channels: int, out: str | None) -> int:
     return 0
 
 
-def send(address: str, image: str, channels: int) -> int:
+def send(address: str, image: str, channels: int, tls: str | None = None) -> int:
     host, port = _split(address)
+    ctx = None if tls is None else _tls_context(tls, server_side=False)
     fd = os.open(image, os.O_RDONLY)
     size = os.fstat(fd).st_size
     total = [0] * channels
     start = time.perf_counter()
-    # Connect all first: the receiver accepts exactly N connections before serving any.
+    # Connect all first, then each thread does its own TLS handshake, if any.
     socks = [socket.create_connection((host, port)) for _ in range(channels)]
 
     def pump(index: int) -> None:
-        with socks[index] as sock:
+        sock = socks[index]
+        if ctx is not None:
+            sock = ctx.wrap_socket(sock, server_hostname=host, suppress_ragged_eofs=False)
+        with sock:
             # Header and chunk share one buffer so each chunk is one sendall().
             buf = memoryview(bytearray(HEADER.size + CHUNK))
             for offset in range(index * CHUNK, size, channels * CHUNK):
@@ -125,12 +173,18 @@ def send(address: str, image: str, channels: int) -> int:
                 HEADER.pack_into(buf, 0, offset, length)
                 sock.sendall(buf[:HEADER.size + length])
                 total[index] += length
+            if ctx is not None:
+                sock.unwrap()  # our TLS close, then the receiver's, sent after its last write
+                return
             sock.shutdown(socket.SHUT_WR)
             if sock.recv(1):
                 raise ConnectionError("receiver sent data")
 
+    threads = _Threads(pump)
     try:
-        _run_threads(pump, range(channels))
+        for index in range(channels):
+            threads.start(index)
+        threads.join()
     finally:
         os.close(fd)
     print(json.dumps({"bytes": sum(total), "seconds": time.perf_counter() - start}), flush=True)
@@ -146,19 +200,23 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--channels", type=int, default=4, metavar="N", help="connections (default 4)")
     r.add_argument("out", metavar="OUT", nargs="?", help="file to create or overwrite")
     r.add_argument("--discard", action="store_true", help="receive, write nothing")
+    r.add_argument("--tls", metavar="DIR", help="mutual TLS 1.3 with DIR's server-cert.pem, "
+                   "server-key.pem and ca-cert.pem")
     s = sub.add_parser("send", help="send IMAGE over N connections")
     s.add_argument("address", metavar="HOST:PORT")
     s.add_argument("image", metavar="IMAGE")
     s.add_argument("--channels", type=int, default=4, metavar="N", help="connections (default 4)")
+    s.add_argument("--tls", metavar="DIR", help="mutual TLS 1.3 with DIR's client-cert.pem, "
+                   "client-key.pem and ca-cert.pem")
     args = p.parse_args(argv)
     if args.channels < 1:
         p.error("--channels must be at least 1")
     try:
         if args.cmd == "send":
-            return send(args.address, args.image, args.channels)
+            return send(args.address, args.image, args.channels, args.tls)
         if args.discard == (args.out is not None):
             p.error("give either OUT or --discard")
-        return recv(args.listen, args.channels, args.out)
+        return recv(args.listen, args.channels, args.out, args.tls)
     except (OSError, EOFError, ValueError) as exc:
         print(f"rawcopy {args.cmd}: {exc}", file=sys.stderr, flush=True)
         return 1

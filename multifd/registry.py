@@ -165,7 +165,9 @@ async def _greet(sock: socket.socket, pending: trio.CapacityLimiter, registry: R
             await conn.run("hello", conn.send_all,
                            wire.encode_hello_reply(wire.HelloStatus.CLIENT_NOT_ALLOWED))
             raise E.TlsError(f"client identity {identity!r} is not allowed "
-                             f"(--tls-allow-client)", stage="tls")
+                             f"(--tls-allow-client)" if identity is not None else
+                             "the client certificate has no single common name to check "
+                             "against --tls-allow-client", stage="tls")
         if isinstance(conn, TlsConn):
             conn.peer_name = "the sender"
         if hello.role is wire.Role.DATA and not registry.session_known.is_set():

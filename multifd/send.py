@@ -102,12 +102,13 @@ async def dial(host: str, port: int, hello: wire.Hello, timeouts: Timeouts,
 
 def _secure(raw: socket.socket, host: str, label: str, tls: T.ClientTls,
             timeouts: Timeouts) -> TlsConn:
-    name = tls.hostname or host
+    name = host if tls.hostname is None else tls.hostname
     try:
         sock = tls.context.wrap_socket(raw, server_hostname=name, do_handshake_on_connect=False,
                                        suppress_ragged_eofs=False)
-    except (ValueError, ssl.SSLError) as exc:  # a name ssl cannot check, e.g. empty
-        raise E.UsageError(f"--tls-hostname {name!r}: {exc}") from None
+    except (ValueError, ssl.SSLError) as exc:  # a name ssl cannot check
+        raise E.UsageError(f"cannot check the receiver's certificate against {name!r}: "
+                           f"{exc}") from None
     hint = "" if tls.has_identity else (f", and this sender has none ({T.CLIENT_CERT} "
                                         f"is not in the --tls directory)")
     return TlsConn(sock, label, side=SIDE, timeout=timeouts.handshake,

@@ -78,11 +78,18 @@ def _context(purpose: int, directory: str, cert: str | None, key: str | None) ->
                          f"({exc.reason or exc})") from None
     if cert is not None and key is not None:
         cert_path, key_path = _readable(directory, cert), _readable(directory, key)
+
+        def no_passphrase():
+            # OpenSSL would otherwise prompt on the terminal: an unbounded wait.
+            raise UsageError(f"TLS credentials: {key_path}: an encrypted private key "
+                             f"(only unencrypted keys are supported)")
+
         try:
-            ctx.load_cert_chain(cert_path, key_path)
-        except ssl.SSLError as exc:
+            ctx.load_cert_chain(cert_path, key_path, password=no_passphrase)
+        except (ssl.SSLError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
             raise UsageError(f"TLS credentials: {_blame(cert_path, key_path)} "
-                             f"({exc.reason or exc})") from None
+                             f"({reason})") from None
     ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
 
@@ -108,6 +115,12 @@ def client_tls(directory: str, hostname: str | None = None) -> ClientTls:
     has_identity = all(present)
     ctx = _context(ssl.PROTOCOL_TLS_CLIENT, directory,
                    CLIENT_CERT if has_identity else None, CLIENT_KEY if has_identity else None)
+    if hostname is not None:
+        try:  # the check ssl would make at the first connection, made before any
+            ctx.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname=hostname)
+        except (ValueError, UnicodeError) as exc:
+            raise UsageError(f"--tls-hostname {hostname!r}: not a host name or address "
+                             f"({exc})") from None
     return ClientTls(ctx, hostname, has_identity)
 
 
@@ -119,12 +132,11 @@ def server_tls(directory: str, allowed_clients=()) -> ServerTls:
 
 
 def common_name(peer_cert: dict | None) -> str | None:
-    """The subject CN of a certificate as returned by SSLSocket.getpeercert()."""
-    for rdn in (peer_cert or {}).get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                return value
-    return None
+    """The subject CN of a certificate as returned by SSLSocket.getpeercert(), or None unless
+    there is exactly one: with several, which one is "the" identity depends on the reader."""
+    names = [value for rdn in (peer_cert or {}).get("subject", ())
+             for key, value in rdn if key == "commonName"]
+    return names[0] if len(names) == 1 else None
 
 
 # Alerts the peer sent us, by OpenSSL reason: what the peer refused.

@@ -1,22 +1,27 @@
 """multifd-bench with its TLS cases: --cases, the goals and ratios when only some cases ran, a
-whole bench run on a small image, and the temporary credentials removed on every way out."""
+whole bench run on a small image, and the temporary credentials removed on every way out; and
+the TLS baseline, multifd.rawcopy --tls, on its own."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import time
 
 import pytest
 
-from multifd import bench
+from multifd import bench, certs, rawcopy
 
 BENCH = [sys.executable, "-m", "multifd.bench"]
 MIB = 1 << 20
-TLS_AND_PLAIN = "multifd-tls-newfile,multifd-tls-discard,multifd-newfile,multifd-discard"
+TLS_AND_PLAIN = ("multifd-tls-newfile,multifd-tls-discard,multifd-newfile,multifd-discard,"
+                 "raw-tls-discard")
 
 
 def run_bench(tmp_path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -81,6 +86,8 @@ def test_deselected_cases_are_skipped_and_their_ratios_and_goals_are_na():
                                                       "pass": None}
     assert r["tls_ratios"]["tls/plain discard"]["value"] == pytest.approx(0.6)
     assert r["tls_ratios"]["tls/plain newfile"]["value"] is None
+    assert r["tls_ratios"]["multifd-tls-discard/raw-tls-discard"] == {
+        "value": None, "ratio": "multifd-tls-discard/raw-tls-discard"}
     json.dumps(r)  # --json prints exactly this
 
     text = bench.table(r)
@@ -95,6 +102,9 @@ def test_deselected_cases_are_skipped_and_their_ratios_and_goals_are_na():
     assert "n/a" in lines["multifd-tls-newfile GB/s"]
     assert "0.60" in lines["tls/plain discard"] and "no goal" in lines["tls/plain discard"]
     assert "no multifd-tls-newfile, multifd-newfile result" in lines["tls/plain newfile"]
+    ratio = [line for line in text.splitlines()
+             if line.startswith("multifd-tls-discard/raw-tls-discard ")]
+    assert len(ratio) == 1 and "n/a" in ratio[0] and "no raw-tls-discard result" in ratio[0]
 
 
 def test_rate_goals_miss_below_and_a_failed_case_is_no_result():
@@ -108,7 +118,31 @@ def test_rate_goals_miss_below_and_a_failed_case_is_no_result():
     assert "FAILED: boom" in text
     assert [line for line in text.splitlines()
             if line.startswith("multifd-tls-newfile GB/s")][0].endswith("MISS")
-    assert "tls/plain newfile                0.50" in text
+    assert re.search(r"^tls/plain newfile +0\.50 ", text, re.M)
+
+
+def test_multifd_tls_against_the_raw_tls_baseline_is_a_ratio_with_no_goal():
+    gib = (1 << 30) / 1e9
+    r = summary({"multifd-tls-discard": [gib / 1.2], "raw-tls-discard": [gib / 1.5]})
+    q = r["tls_ratios"]["multifd-tls-discard/raw-tls-discard"]
+    assert q == {"value": pytest.approx(0.8), "ratio": "multifd-tls-discard/raw-tls-discard"}
+    assert r["cases"]["raw-tls-discard"]["ok"] is True
+    assert r["cases"]["raw-discard"] == {"ok": None, "skipped": "not in --cases"}
+    json.dumps(r)
+    lines = bench.table(r).splitlines()
+    line = [x for x in lines if x.startswith("multifd-tls-discard/raw-tls-discard ")]
+    assert len(line) == 1 and line[0].split()[1:] == ["0.80", "(no", "goal)"]
+    # Every ratio and goal value starts in one column, whatever the length of its name.
+    starts = {x.index(" n/a ") if " n/a " in x else re.search(r" \d+\.\d\d ", x).start()
+              for x in lines if "goal" in x}
+    assert starts == {bench.NAME_WIDTH}
+
+
+def test_raw_tls_discard_sits_beside_multifd_tls_discard_and_needs_credentials():
+    i = bench.CASES.index("raw-tls-discard")
+    assert "multifd-tls-discard" in bench.CASES[i - 1:i + 2]
+    assert "raw-tls-discard" in bench.TLS_CASES
+    assert bench._case_list("raw-discard,raw-tls-discard") == ("raw-tls-discard", "raw-discard")
 
 
 @pytest.mark.parametrize("case, primed, discard, tls", [
@@ -128,6 +162,20 @@ def test_new_file_cases_tls_or_not_are_primed_before_they_run(tmp_path, monkeypa
     monkeypatch.setattr(b, "case_multifd", case_multifd)
     b.run(case)
     assert calls == (["prime"] if primed else []) + [("multifd", discard, tls)]
+
+
+@pytest.mark.parametrize("case, tls", [("raw-tls-discard", True), ("raw-discard", False)])
+def test_raw_discard_cases_run_rawcopy_with_or_without_tls(tmp_path, monkeypatch, case, tls):
+    b = bench.Bench(bench.build_parser().parse_args(["--size", "1M", "--dir", str(tmp_path)]))
+    calls = []
+    monkeypatch.setattr(b, "prime", lambda: calls.append("prime"))
+
+    def case_raw(discard, tls=False):
+        calls.append(("raw", discard, tls))
+        return {"check": "byte counts"}
+    monkeypatch.setattr(b, "case_raw", case_raw)
+    b.run(case)
+    assert calls == [("raw", True, tls)]
 
 
 def test_credentials_are_a_private_directory_for_127_0_0_1(tmp_path, monkeypatch):
@@ -159,7 +207,8 @@ def test_tls_and_plain_cases_on_a_small_image(tmp_path):
         c = r["cases"][case]
         assert c["ok"] is True, c
         assert len(c["runs"]) == 2
-        assert c["check"] == ("digests agree, output identical" if case.endswith("-newfile")
+        assert c["check"] == ("byte counts" if case.startswith("raw-") else
+                              "digests agree, output identical" if case.endswith("-newfile")
                               else "digests agree")
     for case in ("raw-newfile", "iperf3", "raw-discard"):
         assert r["cases"][case] == {"ok": None, "skipped": "not in --cases"}
@@ -240,3 +289,118 @@ def test_sigterm_mid_run_removes_the_credentials_and_its_processes(tmp_path):
     for pid in children:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+# -- multifd.rawcopy --tls --------------------------------------------------------------
+
+RAWCOPY = [sys.executable, "-m", "multifd.rawcopy"]
+RAW_TIMEOUT = 30
+
+
+def start_rawcopy_recv(*args: str) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen([*RAWCOPY, "recv", "--listen", "127.0.0.1:0", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stderr.readline()  # printed at once, or the process has already exited
+    m = re.search(r"listening on \S+:(\d+)", line)
+    if m is None:
+        proc.kill()
+        raise AssertionError(f"rawcopy recv did not start: {line}{proc.communicate()[1]}")
+    return proc, int(m.group(1))
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=RAW_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"still running after {RAW_TIMEOUT} s: {err}") from None
+    return proc.returncode, out, err
+
+
+def rawcopy_send(port: int, image: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*RAWCOPY, "send", f"127.0.0.1:{port}", image, *args],
+                          capture_output=True, text=True, timeout=RAW_TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """good: the credentials of both sides; stranger: a client certificate (and key) from
+    another CA, with the good CA so that the stranger does trust the receiver."""
+    root = tmp_path_factory.mktemp("rawcopy-pki")
+    ca, other = certs.new_ca(), certs.new_ca("another CA")
+    server = certs.new_server(ca, ["127.0.0.1"])
+    certs.write_set(str(root / "good"), ca=ca, server=server, client=certs.new_client(ca))
+    certs.write_set(str(root / "stranger"), ca=ca, ca_key=False,
+                    client=certs.new_client(other))
+    return {name: str(root / name) for name in ("good", "stranger")}
+
+
+# Not a multiple of the 512 KiB chunk, so the last chunk is a short one; 3 channels get
+# different numbers of chunks.
+RAW_SIZE = 5 * (512 << 10) + 12345
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain"])
+@pytest.mark.parametrize("channels", ["1", "3"])
+@pytest.mark.parametrize("discard", [False, True], ids=["newfile", "discard"])
+def test_rawcopy_copies_a_file(pki, make_image, tmp_path, tls, channels, discard):
+    image = make_image(RAW_SIZE)
+    out = tmp_path / "out.img"
+    secure = ["--tls", pki["good"]] if tls else []
+    proc, port = start_rawcopy_recv("--channels", channels, *secure,
+                                    *(["--discard"] if discard else [str(out)]))
+    try:
+        sent = rawcopy_send(port, image, "--channels", channels, *secure)
+        code, stdout, stderr = finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert sent.returncode == 0, sent.stderr
+    assert code == 0, stderr
+    assert json.loads(sent.stdout)["bytes"] == RAW_SIZE
+    assert json.loads(stdout)["bytes"] == RAW_SIZE
+    if discard:
+        assert not out.exists()
+    else:
+        with open(image, "rb") as a, open(out, "rb") as b:
+            assert a.read() == b.read()
+
+
+def test_a_rawcopy_tls_receiver_rejects_a_client_certificate_from_another_ca(
+        pki, make_image, tmp_path):
+    image = make_image(RAW_SIZE)
+    proc, port = start_rawcopy_recv("--channels", "2", "--tls", pki["good"], "--discard")
+    try:
+        sent = rawcopy_send(port, image, "--channels", "2", "--tls", pki["stranger"])
+        code, stdout, stderr = finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert code != 0 and stdout == ""
+    assert "certificate" in stderr.lower(), stderr
+    assert sent.returncode != 0, sent.stdout
+
+
+def test_a_rawcopy_tls_stream_cut_without_a_tls_close_is_an_error(pki):
+    """The sender's bytes all arrive, whole chunks, but its TCP stream ends with no TLS close:
+    the receiver must not take that for the end of the data."""
+    proc, port = start_rawcopy_recv("--channels", "1", "--tls", pki["good"], "--discard")
+    try:
+        ctx = ssl.create_default_context(cafile=os.path.join(pki["good"], "ca-cert.pem"))
+        ctx.load_cert_chain(os.path.join(pki["good"], "client-cert.pem"),
+                            os.path.join(pki["good"], "client-key.pem"))
+        with socket.create_connection(("127.0.0.1", port), timeout=RAW_TIMEOUT) as raw:
+            tls = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+            tls.sendall(rawcopy.HEADER.pack(0, 100) + bytes(100))
+            raw_fd = tls.detach()  # the TCP connection without its TLS layer: no close_notify
+            socket.socket(fileno=raw_fd).close()
+        code, stdout, stderr = finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert code == 1 and stdout == ""
+    assert "rawcopy recv:" in stderr and "EOF" in stderr, stderr

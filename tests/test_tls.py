@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import ssl
+import subprocess
 import time
 import uuid
 from types import SimpleNamespace
@@ -20,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 import trio
 
-from conftest import files_in, run_sender, start_receiver
+from conftest import cli, files_in, run_sender, start_receiver
 from multifd import certs, wire
 from multifd import errors as E
 from multifd.digest import DigestSum, block_term, term_bytes
@@ -255,9 +256,6 @@ def test_missing_or_bad_credentials_are_usage_errors(pki, image, tmp_path):
         if side == "send":
             res = run_sender("127.0.0.1:9", image, "--tls", str(directory), timeout=30)
         else:
-            import subprocess
-
-            from conftest import cli
             res = subprocess.run([*cli("recv"), "--listen", "127.0.0.1:0", str(out), "--tls",
                                   str(directory)], capture_output=True, text=True, timeout=30)
         assert res.returncode == 2, (side, directory, res.stderr)
@@ -268,6 +266,64 @@ def test_missing_or_bad_credentials_are_usage_errors(pki, image, tmp_path):
 def test_tls_flags_without_tls_are_usage_errors(image):
     res = run_sender("127.0.0.1:9", image, "--tls-hostname", "x")
     assert res.returncode == 2 and "--tls-hostname needs --tls" in one_line(res.stderr)
+
+
+@pytest.mark.parametrize("name", ["", ".leading-dot"])
+def test_a_host_name_ssl_cannot_check_is_refused_before_connecting(pki, image, name):
+    res = run_sender("127.0.0.1:9", image, "--tls", pki.send, "--tls-hostname", name)
+    assert res.returncode == 2, res.stderr
+    assert f"--tls-hostname {name!r}: not a host name or address" in one_line(res.stderr)
+
+
+def test_an_encrypted_key_is_a_usage_error_not_a_prompt(pki, tmp_path):
+    """OpenSSL would ask for the passphrase on the terminal: an unbounded wait."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    directory = tmp_path / "encrypted"
+    shutil.copytree(pki.recv, directory)
+    key = ec.generate_private_key(ec.SECP256R1())
+    (directory / "server-key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret")))
+    res = subprocess.run([*cli("recv"), "--listen", "127.0.0.1:0", "--discard", "--tls",
+                          str(directory)], capture_output=True, text=True, timeout=30,
+                         stdin=subprocess.DEVNULL, start_new_session=True)
+    assert res.returncode == 2, res.stderr
+    assert f"{directory}/server-key.pem: an encrypted private key" in one_line(res.stderr)
+
+
+@pytest.mark.parametrize("subject, expected", [
+    ([[("commonName", "alice")]], "alice"),
+    ([[("organizationName", "x")], [("commonName", "alice")]], "alice"),
+    ([[("commonName", "alice")], [("commonName", "mallory")]], None),
+    ([[("organizationName", "x")]], None),
+])
+def test_the_client_identity_is_the_one_and_only_common_name(subject, expected):
+    from multifd.tls import common_name
+    assert common_name({"subject": tuple(tuple(rdn) for rdn in subject)}) == expected
+
+
+def test_receiver_killed_mid_stream_the_sender_reports_why(pki, make_image, tmp_path):
+    """A failed TLS send must not be hidden by the image window it was sending from."""
+    image = make_image(48 << 20, "random")
+    recv = start_receiver(str(tmp_path / "out.img"), "--tls", pki.recv, *QUICK)
+    sender = subprocess.Popen([*cli("send"), "--quiet", recv.address, image, "--tls",
+                               pki.send, "--max-bandwidth", "20MB/s", *QUICK],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)
+        recv.proc.send_signal(signal.SIGTERM)
+        rc, _, _ = recv.finish(timeout=20)
+        _, err = sender.communicate(timeout=20)
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+            sender.communicate()
+    assert rc == 143
+    assert sender.returncode == 1
+    assert "receiver failed: terminated by SIGTERM" in one_line(err), err
+    assert files_in(tmp_path) == [os.path.basename(image)]
 
 
 # ------------------------------------------------------------------ lifecycle
