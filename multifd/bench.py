@@ -8,6 +8,7 @@ handshake and the final verification count, as they do for a user:
   raw-newfile          multifd.rawcopy (the least code that does the job) into a new file
   multifd-newfile      multifd-send -> multifd-recv OUTPUT, output compared byte for byte
   multifd-tls-newfile  the same with --tls on both sides: mutual TLS 1.3 on every channel
+  raw-tls-newfile      multifd.rawcopy --tls (stdlib ssl, mutual TLS 1.3) into a new file
   iperf3               iperf3 -P N -n SIZE: what loopback TCP itself gives, no file at all
   multifd-discard      multifd-send -> multifd-recv --discard
   multifd-tls-discard  the same with --tls on both sides
@@ -19,11 +20,12 @@ multifd-newfile reaches 0.80 of raw-newfile, multifd-discard 0.50 of iperf3, and
 multifd-tls-discard moves at least 1.0 GB/s and multifd-tls-newfile 0.7 GB/s (GB = 1e9
 bytes, over the whole sender run like every figure here). What TLS costs is shown as the
 ratios tls/plain for discard and new file, and multifd's TLS against the least Python code
-that does TLS as the ratio multifd-tls-discard/raw-tls-discard, all with no goal. The TLS
-cases (multifd's and rawcopy's) use a CA, server (127.0.0.1) and client certificate made once
-per bench run in a private temporary directory (certs.generate), which is removed at the end,
-also when the bench fails, is interrupted or gets SIGTERM (which, like ^C, first kills the
-processes under test).
+that does TLS as the ratios multifd-tls-newfile/raw-tls-newfile and
+multifd-tls-discard/raw-tls-discard, all with no goal. The TLS cases (multifd's and
+rawcopy's) use a CA, server (127.0.0.1) and client certificate made once per bench run in a
+private temporary directory (certs.generate), which is removed at the end, also when the
+bench fails, is interrupted or gets SIGTERM (which, like ^C, first kills the processes under
+test).
 
 --cases runs only the listed cases (comma-separated, in the order above); a ratio or goal
 whose cases did not run shows as n/a, and a case not selected counts as skipped, not failed.
@@ -57,11 +59,11 @@ from .errors import UsageError
 from .mkimage import parse_size, write_image
 
 PROG = "multifd-bench"
-# Each TLS case sits beside its plain one: the order alternates between repeats, and a case's
-# timing depends on what ran just before it.
-CASES = ("raw-newfile", "multifd-newfile", "multifd-tls-newfile", "iperf3", "multifd-discard",
-         "multifd-tls-discard", "raw-tls-discard", "raw-discard")
-TLS_CASES = ("multifd-tls-newfile", "multifd-tls-discard", "raw-tls-discard")
+# Each TLS case sits beside its plain one or the TLS case it is compared with: the order
+# alternates between repeats, and a case's timing depends on what ran just before it.
+CASES = ("raw-newfile", "multifd-newfile", "multifd-tls-newfile", "raw-tls-newfile", "iperf3",
+         "multifd-discard", "multifd-tls-discard", "raw-tls-discard", "raw-discard")
+TLS_CASES = ("multifd-tls-newfile", "raw-tls-newfile", "multifd-tls-discard", "raw-tls-discard")
 # (case, reference case, least ratio of their GB/s)
 GOALS = (("multifd-newfile", "raw-newfile", 0.80), ("multifd-discard", "iperf3", 0.50))
 # (case, least GB/s)
@@ -69,6 +71,7 @@ RATE_GOALS = (("multifd-tls-newfile", 0.7), ("multifd-tls-discard", 1.0))
 # (label, case, reference case): informational ratios, no goal
 TLS_RATIOS = (("tls/plain newfile", "multifd-tls-newfile", "multifd-newfile"),
               ("tls/plain discard", "multifd-tls-discard", "multifd-discard"),
+              ("multifd-tls-newfile/raw-tls-newfile", "multifd-tls-newfile", "raw-tls-newfile"),
               ("multifd-tls-discard/raw-tls-discard", "multifd-tls-discard", "raw-tls-discard"))
 GIB = 1 << 30
 NAME_WIDTH = 35  # of the ratio and goal names in the table: the longest one fits

@@ -21,7 +21,7 @@ from multifd import bench, certs, rawcopy
 BENCH = [sys.executable, "-m", "multifd.bench"]
 MIB = 1 << 20
 TLS_AND_PLAIN = ("multifd-tls-newfile,multifd-tls-discard,multifd-newfile,multifd-discard,"
-                 "raw-tls-discard")
+                 "raw-tls-discard,raw-tls-newfile")
 
 
 def run_bench(tmp_path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -88,6 +88,8 @@ def test_deselected_cases_are_skipped_and_their_ratios_and_goals_are_na():
     assert r["tls_ratios"]["tls/plain newfile"]["value"] is None
     assert r["tls_ratios"]["multifd-tls-discard/raw-tls-discard"] == {
         "value": None, "ratio": "multifd-tls-discard/raw-tls-discard"}
+    assert r["tls_ratios"]["multifd-tls-newfile/raw-tls-newfile"] == {
+        "value": None, "ratio": "multifd-tls-newfile/raw-tls-newfile"}
     json.dumps(r)  # --json prints exactly this
 
     text = bench.table(r)
@@ -105,6 +107,10 @@ def test_deselected_cases_are_skipped_and_their_ratios_and_goals_are_na():
     ratio = [line for line in text.splitlines()
              if line.startswith("multifd-tls-discard/raw-tls-discard ")]
     assert len(ratio) == 1 and "n/a" in ratio[0] and "no raw-tls-discard result" in ratio[0]
+    ratio = [line for line in text.splitlines()
+             if line.startswith("multifd-tls-newfile/raw-tls-newfile ")]
+    assert len(ratio) == 1 and "n/a" in ratio[0]
+    assert "no multifd-tls-newfile, raw-tls-newfile result" in ratio[0]
 
 
 def test_rate_goals_miss_below_and_a_failed_case_is_no_result():
@@ -145,6 +151,31 @@ def test_raw_tls_discard_sits_beside_multifd_tls_discard_and_needs_credentials()
     assert bench._case_list("raw-discard,raw-tls-discard") == ("raw-tls-discard", "raw-discard")
 
 
+def test_raw_tls_newfile_sits_beside_multifd_tls_newfile_and_needs_credentials():
+    i = bench.CASES.index("raw-tls-newfile")
+    assert "multifd-tls-newfile" in bench.CASES[i - 1:i + 2]
+    assert "raw-tls-newfile" in bench.TLS_CASES
+    assert bench._case_list("raw-tls-newfile,multifd-tls-newfile") == (
+        "multifd-tls-newfile", "raw-tls-newfile")
+
+
+def test_multifd_tls_newfile_against_the_raw_tls_baseline_is_a_ratio_with_no_goal():
+    gib = (1 << 30) / 1e9
+    r = summary({"multifd-tls-newfile": [gib / 0.6], "raw-tls-newfile": [gib / 0.8]})
+    q = r["tls_ratios"]["multifd-tls-newfile/raw-tls-newfile"]
+    assert q == {"value": pytest.approx(0.75), "ratio": "multifd-tls-newfile/raw-tls-newfile"}
+    assert r["tls_ratios"]["multifd-tls-discard/raw-tls-discard"]["value"] is None
+    json.dumps(r)
+    lines = bench.table(r).splitlines()
+    line = [x for x in lines if x.startswith("multifd-tls-newfile/raw-tls-newfile ")]
+    assert len(line) == 1 and line[0].split()[1:] == ["0.75", "(no", "goal)"]
+    # It is listed next to the discard one, and its value starts in the common column.
+    names = [x.split()[0] for x in lines if "goal" in x]
+    i = names.index("multifd-tls-newfile/raw-tls-newfile")
+    assert names[i + 1] == "multifd-tls-discard/raw-tls-discard"
+    assert line[0].index(" 0.75 ") == bench.NAME_WIDTH
+
+
 @pytest.mark.parametrize("case, primed, discard, tls", [
     ("multifd-tls-newfile", True, False, True), ("multifd-newfile", True, False, False),
     ("multifd-tls-discard", False, True, True), ("multifd-discard", False, True, False)])
@@ -164,18 +195,24 @@ def test_new_file_cases_tls_or_not_are_primed_before_they_run(tmp_path, monkeypa
     assert calls == (["prime"] if primed else []) + [("multifd", discard, tls)]
 
 
-@pytest.mark.parametrize("case, tls", [("raw-tls-discard", True), ("raw-discard", False)])
-def test_raw_discard_cases_run_rawcopy_with_or_without_tls(tmp_path, monkeypatch, case, tls):
+@pytest.mark.parametrize("case, primed, discard, tls", [
+    ("raw-tls-discard", False, True, True), ("raw-discard", False, True, False),
+    ("raw-tls-newfile", True, False, True), ("raw-newfile", True, False, False)])
+def test_raw_cases_run_rawcopy_with_or_without_tls_new_files_primed(
+        tmp_path, monkeypatch, case, primed, discard, tls):
     b = bench.Bench(bench.build_parser().parse_args(["--size", "1M", "--dir", str(tmp_path)]))
     calls = []
     monkeypatch.setattr(b, "prime", lambda: calls.append("prime"))
+    monkeypatch.setattr(b, "output_identical", lambda: calls.append("compared") or True)
 
     def case_raw(discard, tls=False):
         calls.append(("raw", discard, tls))
         return {"check": "byte counts"}
     monkeypatch.setattr(b, "case_raw", case_raw)
-    b.run(case)
-    assert calls == [("raw", True, tls)]
+    result = b.run(case)
+    assert calls == ((["prime"] if primed else []) + [("raw", discard, tls)]
+                     + (["compared"] if primed else []))
+    assert result["check"] == ("byte counts, output identical" if primed else "byte counts")
 
 
 def test_credentials_are_a_private_directory_for_127_0_0_1(tmp_path, monkeypatch):
@@ -207,9 +244,8 @@ def test_tls_and_plain_cases_on_a_small_image(tmp_path):
         c = r["cases"][case]
         assert c["ok"] is True, c
         assert len(c["runs"]) == 2
-        assert c["check"] == ("byte counts" if case.startswith("raw-") else
-                              "digests agree, output identical" if case.endswith("-newfile")
-                              else "digests agree")
+        check = "byte counts" if case.startswith("raw-") else "digests agree"
+        assert c["check"] == check + (", output identical" if case.endswith("-newfile") else "")
     for case in ("raw-newfile", "iperf3", "raw-discard"):
         assert r["cases"][case] == {"ok": None, "skipped": "not in --cases"}
     assert all(q["gbps"] > 0 and q["pass"] in (True, False) for q in r["rate_goals"].values())
