@@ -7,6 +7,7 @@ traceback; exit 0 success, 1 migration failed, 2 usage or input error, 130 inter
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import re
@@ -19,6 +20,8 @@ import trio
 from . import control
 from .conn import collapse_group, first_error
 from .errors import Interrupted, MultifdError, Terminated, UsageError
+from .faults import Plan
+from .faults import parse as parse_fault
 from .report import Report, human_bytes
 from .settings import Timeouts
 
@@ -67,6 +70,30 @@ def add_common(parser: argparse.ArgumentParser) -> None:
                         f"(default {d.handshake:g})")
     parser.add_argument("--idle-timeout", type=positive_float, default=d.idle, metavar="S",
                         help=f"bound on any single send or receive (default {d.idle:g})")
+    parser.add_argument("--fault", action="append", default=[], metavar="SPEC",
+                        help="break a channel on purpose (repeatable): ACTION[@N|@control|@all]"
+                        "[:KEY=VALUE,...], e.g. reset@2:after=64MiB, tls-stall@0, "
+                        "corrupt-payload@1:packet=3, crash:phase=sync, stall@control; "
+                        "actions: refuse, delay, tls-stall, tls-abort, bad-magic, "
+                        "bad-version, bad-session, bad-channel, dup-channel, corrupt-header, "
+                        "corrupt-payload, reset, stall, crash, full-disk (README: Faults)")
+
+
+def fault_plan(prog: str, args, side: str) -> Plan:
+    """The --fault flags as a plan; a malformed SPEC is the one-line usage error."""
+    who = "sender" if side == "send" else "receiver"
+    plan = Plan([usage_guard(prog, args.json, who, functools.partial(parse_fault, spec, side))
+                 for spec in args.fault])
+    if args.tls is None:
+        for fault in plan.faults:
+            if fault.action.startswith("tls-"):
+                usage_guard(prog, args.json, who, functools.partial(
+                    _raise_usage, f"--fault {fault}: a TLS fault needs --tls"))
+    return plan
+
+
+def _raise_usage(message: str):
+    raise UsageError(message)
 
 
 def timeouts_from(args) -> Timeouts:

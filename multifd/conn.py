@@ -18,6 +18,8 @@ use both cores, where trio's own I/O path costs far more CPU per byte.
 
 from __future__ import annotations
 
+import errno
+import select
 import socket
 import ssl
 import struct
@@ -28,6 +30,7 @@ import trio
 
 from . import errors as E
 from . import tls
+from .faults import InjectedFault
 
 
 def first_error(exc: BaseException) -> BaseException:
@@ -68,6 +71,16 @@ class collapse_group:
 IOV_BATCH = 512
 
 
+def _stamped(fn, *args):
+    """fn(*args), with any exception stamped with the moment it happened (see errors.seq)."""
+    try:
+        return fn(*args)
+    except BaseException as exc:
+        if not hasattr(exc, "multifd_seq"):
+            exc.multifd_seq = exc.seq if isinstance(exc, E.MultifdError) else E.next_seq()
+        raise
+
+
 class Conn:
     """An established connection, closed by whoever holds it.
 
@@ -78,6 +91,7 @@ class Conn:
 
     def __init__(self, sock: socket.socket, label: str, *, side: str, timeout: float) -> None:
         self.sock = sock
+        self.raw = sock  # the socket itself, also once a fault plan wraps `sock`
         self.label = label
         self.side = side
         self.set_timeout(timeout)
@@ -153,6 +167,9 @@ class Conn:
             exc.channel = exc.channel or self.label
             exc.stage = exc.stage or stage
             return exc
+        if isinstance(exc, InjectedFault):
+            return E.TransportError(exc.strerror or str(exc), side=self.side,
+                                    channel=self.label, stage=stage)
         if isinstance(exc, ssl.SSLError):
             # A stream cut short is what a failing peer leaves behind: its reason may follow.
             return E.TlsError(self.explain_tls(exc, stage), side=self.side, channel=self.label,
@@ -171,7 +188,7 @@ class Conn:
         if self._busy:
             raise E.LocalProtocolError(f"{self.label}: two operations at once on one connection")
         self._busy = True
-        interrupted = False
+        interrupted = None  # when the guard shut the socket down (errors.next_seq)
         finished = False
 
         async def guard() -> None:
@@ -180,7 +197,7 @@ class Conn:
                 await trio.sleep_forever()
             finally:
                 if not finished:
-                    interrupted = True
+                    interrupted = E.next_seq()
                     self.shutdown()
 
         try:
@@ -189,13 +206,20 @@ class Conn:
                     nursery.start_soon(guard)
                     try:
                         return await trio.to_thread.run_sync(
-                            fn, *args, limiter=trio.CapacityLimiter(1))
+                            _stamped, fn, *args, limiter=trio.CapacityLimiter(1))
                     except Exception as exc:
-                        if interrupted:
+                        happened = getattr(exc, "multifd_seq", None)
+                        if interrupted is not None and (happened is None
+                                                        or happened > interrupted):
                             # The failure is the shutdown we caused: report the cancellation.
+                            # A failure from before it is real, and may be the first error
+                            # of all: trio may simply have seen another one sooner.
                             await trio.lowlevel.checkpoint()
-                        raise self.error(exc, stage) from (
-                            None if isinstance(exc, E.MultifdError) else exc)
+                        err = self.error(exc, stage)
+                        # Ordered by when it happened in the thread, not by when trio got to
+                        # translating it: the cause must come before its consequences.
+                        err.seq = min(err.seq, getattr(exc, "multifd_seq", err.seq))
+                        raise err from (None if isinstance(exc, E.MultifdError) else exc)
                     finally:
                         finished = True
                         nursery.cancel_scope.cancel()
@@ -209,7 +233,7 @@ class Conn:
         try:
             # The plain socket's shutdown, also under TLS: SSLSocket's own would drop the
             # SSL object under the feet of a thread that is still using it.
-            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+            socket.socket.shutdown(self.raw, socket.SHUT_RDWR)
         except OSError:
             pass
 
@@ -219,12 +243,15 @@ class Conn:
         """End the stream so that the peer can tell it was not cut: nothing to do in plain TCP,
         where END and DONE are the last messages."""
 
+    def send_close(self) -> None:
+        """The sending half of close_stream()."""
+
     async def end_stream(self, stage: str) -> None:
         if self.tls:
             await self.run(stage, self.close_stream)
 
     def close(self) -> None:
-        self.sock.close()
+        self.raw.close()
 
     async def __aenter__(self) -> "Conn":
         return self
@@ -259,6 +286,16 @@ class TlsConn(Conn):
 
     def handshake(self) -> None:
         self.sock.do_handshake()
+
+    def abort_handshake(self) -> None:
+        """Send the first handshake flight, then cut the connection (a fault for tests)."""
+        self.sock.setblocking(False)
+        try:
+            self.sock.do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            pass
+        self.raw.close()
+        raise InjectedFault(errno.ECONNRESET, "TLS handshake aborted by an injected fault")
 
     def peer_common_name(self) -> str | None:
         return tls.common_name(self.sock.getpeercert())
@@ -302,18 +339,35 @@ class TlsConn(Conn):
         """Send our TLS close and wait for the peer's: returns only if the stream ended whole."""
         self.sock.unwrap()
 
+    def send_close(self) -> None:
+        """Send our TLS close without waiting for the peer's: a sender's data channel is done
+        once its END is sealed, while the receiver may still be waiting for other channels."""
+        self.sock.setblocking(False)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                self.sock.unwrap()  # the peer's close was already there
+                return
+            except ssl.SSLWantReadError:  # ours went out; theirs is not awaited
+                return
+            except ssl.SSLWantWriteError:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([], [self.raw], [], left)[1]:
+                    raise TimeoutError("no room to send the TLS close") from None
+
     def drain(self, seconds: float) -> None:
         """After a failed handshake, end our side and read until the peer leaves: closing with
         its bytes unread would reset the connection, and the reset can overtake the alert
         that tells the peer why."""
-        socket.socket.shutdown(self.sock, socket.SHUT_WR)
-        self.sock.settimeout(seconds)
+        socket.socket.shutdown(self.raw, socket.SHUT_WR)
+        self.raw.settimeout(seconds)
         deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline and socket.socket.recv(self.sock, 1 << 16):
+        while time.monotonic() < deadline and socket.socket.recv(self.raw, 1 << 16):
             pass
 
     def error(self, exc: BaseException, stage: str) -> E.MultifdError:
-        if stage == "tls" and isinstance(exc, (ConnectionError, ssl.SSLEOFError)):
+        if stage == "tls" and isinstance(exc, (ConnectionError, ssl.SSLEOFError)) and \
+                not isinstance(exc, InjectedFault):
             # What a receiver without TLS does with our ClientHello: not its protocol. (A
             # sender without TLS is recognised by its hello before any handshake.)
             hint = " (does it use --tls?)" if self.peer_name == "the receiver" else ""

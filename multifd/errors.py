@@ -11,6 +11,10 @@ import itertools
 _order = itertools.count()
 
 
+def next_seq() -> int:
+    return next(_order)
+
+
 class MultifdError(Exception):
     """Base of every error this package raises on purpose."""
 
@@ -23,7 +27,7 @@ class MultifdError(Exception):
         self.side = side
         self.channel = channel
         self.stage = stage
-        self.seq = next(_order)
+        self.seq = next_seq()
 
     def where(self) -> str:
         parts = [p for p in (self.channel, self.stage) if p]

@@ -10,6 +10,7 @@ import mmap
 import os
 import stat
 import tempfile
+import traceback
 from contextlib import contextmanager
 
 from .errors import ImageError, UsageError
@@ -60,6 +61,11 @@ class SourceImage:
                              f"{getattr(exc, 'strerror', None) or exc}") from None
         try:
             yield window, offset - base
+        except BaseException as exc:
+            # Finished frames in the traceback may still hold views of the window, and a
+            # window with views cannot be closed: that BufferError would replace this error.
+            traceback.clear_frames(exc.__traceback__)
+            raise
         finally:
             window.close()
 
@@ -95,8 +101,9 @@ class OutputFile:
     zero pages are never written and stay holes.
     """
 
-    def __init__(self, path: str, size: int) -> None:
+    def __init__(self, path: str, size: int, pwrite=os.pwrite) -> None:
         check_output_path(path)
+        self._pwrite = pwrite  # a fault plan may hand in one that fails
         self.path = path
         self.size = size
         directory, name = os.path.split(os.path.abspath(path))
@@ -120,7 +127,7 @@ class OutputFile:
     def write(self, view: memoryview, offset: int) -> None:
         while view:
             try:
-                n = os.pwrite(self.fd, view, offset)
+                n = self._pwrite(self.fd, view, offset)
             except OSError as exc:
                 raise ImageError(f"writing {self.tmp_path}: {exc.strerror}") from None
             view = view[n:]

@@ -13,6 +13,7 @@ from . import errors as E
 from . import wire
 from .conn import Conn
 from .digest import DigestSum, block_term, term_bytes
+from .faults import Plan
 from .image import OutputFile, SourceImage
 from .pages import PageScanner, zeros
 from .wire import PacketKind, RunKind
@@ -34,8 +35,10 @@ class Counters:
 
 
 class BlockSender:
-    def __init__(self, conn: Conn, source: SourceImage, session: wire.Session) -> None:
+    def __init__(self, conn: Conn, source: SourceImage, session: wire.Session,
+                 faults: Plan = Plan()) -> None:
         self.conn = conn
+        self.faults = faults
         self.source = source
         self.session = session
         self.scanner = PageScanner(session.page_size, session.block_bytes)
@@ -71,7 +74,7 @@ class BlockSender:
                 if hi - lo < n * page:  # the image's partial last page travels zero-padded
                     parts.append(bytes(n * page - (hi - lo)))
         try:
-            self.conn.send_parts(parts)
+            self.conn.send_parts(self.faults.packet(self.conn.label, self.seq, parts))
         finally:
             parts.clear()  # release the window's views before it is unmapped, failure or not
         self.seq += 1
@@ -91,7 +94,7 @@ class BlockSender:
     def finish(self, rounds: int) -> None:
         """END, then (with TLS) the close that proves nothing was cut after it."""
         self.send_marker(PacketKind.END, rounds)
-        self.conn.close_stream()
+        self.conn.send_close()
 
 
 class BlockReceiver:
@@ -103,8 +106,9 @@ class BlockReceiver:
     """
 
     def __init__(self, conn: Conn, session: wire.Session, output: OutputFile | None,
-                 seen: bytearray) -> None:
+                 seen: bytearray, channel: int = 0) -> None:
         self.conn = conn
+        self.channel = channel
         self.session = session
         self.output = output
         self.buf = bytearray(session.block_bytes)

@@ -16,6 +16,7 @@ Theory of operation:
 from __future__ import annotations
 
 import contextlib
+import os
 from contextlib import nullcontext
 
 import trio
@@ -26,6 +27,7 @@ from . import wire
 from .address import format_address
 from .conn import collapse_group
 from .digest import DigestSum
+from .faults import Plan
 from .image import OutputFile
 from .pump import BlockReceiver, Counters
 from .registry import open_registry, wait_for_channels
@@ -61,35 +63,45 @@ class RoundBarrier:
 
     def __init__(self, channels: int) -> None:
         self.channels = channels
-        self._arrived: dict[int, int] = {}
+        self._arrived: dict[int, set[int]] = {}
         self._released: dict[int, trio.Event] = {}
 
-    async def sync(self, round: int) -> None:
+    async def sync(self, round: int, channel: int) -> None:
         event = self._released.setdefault(round, trio.Event())
-        self._arrived[round] = self._arrived.get(round, 0) + 1
-        if self._arrived[round] == self.channels:
+        arrived = self._arrived.setdefault(round, set())
+        arrived.add(channel)
+        if len(arrived) == self.channels:
             event.set()
             del self._arrived[round]
         await event.wait()
+
+    def missing(self, round: int) -> list[int]:
+        """The channels whose SYNC of `round` has not arrived (all of them, if none has)."""
+        arrived = self._arrived.get(round, set())
+        return [c for c in range(self.channels) if c not in arrived]
 
     def released(self, round: int) -> bool:
         return round in self._released and self._released[round].is_set()
 
 
 async def _receive_channel(receiver: BlockReceiver, barrier: RoundBarrier,
-                           timeouts: Timeouts) -> int:
+                           timeouts: Timeouts, faults: Plan) -> int:
     """Run one data channel to its END; return the number of rounds it carried."""
     conn = receiver.conn
     round = 0
     while True:
+        faults.crash("round", conn.label, round=round)
         marker = await conn.run("data", receiver.receive_round, round)
         if marker.kind is wire.PacketKind.END:
             return round
+        faults.crash("sync", conn.label)
         with trio.move_on_after(timeouts.idle):
-            await barrier.sync(round)
+            await barrier.sync(round, receiver.channel)
         if not barrier.released(round):
-            raise E.PeerTimeout(f"other channels did not finish round {round} within "
-                                f"{timeouts.idle:g}s", side=SIDE, channel=conn.label,
+            missing = barrier.missing(round)
+            raise E.PeerTimeout(f"data channel{'s' if len(missing) > 1 else ''} "
+                                f"{', '.join(map(str, missing))} did not finish round {round} "
+                                f"within {timeouts.idle:g}s", side=SIDE, channel=conn.label,
                                 stage="sync")
         round += 1
 
@@ -139,21 +151,23 @@ def _verify(session: wire.Session, complete: wire.Complete, counters: Counters,
 
 
 async def _migrate(registry, output_path: str | None, timeouts: Timeouts,
-                   on_progress, on_complete) -> Report:
+                   faults: Plan, on_progress, on_complete) -> Report:
     ctl = registry.control
     started = trio.current_time()
+    faults.crash("setup")
     session = await control.receive(ctl, "setup", wire.Session, "sender")
-    output = OutputFile(output_path, session.image_size) if output_path else None
+    output = OutputFile(output_path, session.image_size,
+                        faults.wrap_pwrite(os.pwrite)) if output_path else None
     with output if output is not None else nullcontext():
         seen = bytearray(session.nblocks)
-        receivers = [BlockReceiver(registry.data[i], session, output, seen)
+        receivers = [BlockReceiver(registry.data[i], session, output, seen, channel=i)
                      for i in range(registry.channels)]
         await control.send(ctl, "setup", wire.Ready())
         barrier = RoundBarrier(len(receivers))
         rounds: set[int] = set()
 
         async def run_channel(receiver: BlockReceiver) -> None:
-            rounds.add(await _receive_channel(receiver, barrier, timeouts))
+            rounds.add(await _receive_channel(receiver, barrier, timeouts, faults))
 
         async with trio.open_nursery() as nursery:
             if on_progress is not None:
@@ -169,6 +183,7 @@ async def _migrate(registry, output_path: str | None, timeouts: Timeouts,
             total.merge(r.sum)
             counters.merge(r.counters)
         _verify(session, complete, counters, total, rounds, seen)
+        faults.crash("completion")
         if output is not None:
             await _sync(ctl, output, timeouts)
         # The point of no return: once the output is renamed into place the sender must hear
@@ -193,16 +208,17 @@ async def _migrate(registry, output_path: str | None, timeouts: Timeouts,
 
 async def receive_image(listeners: list[trio.SocketListener], output_path: str | None, *,
                         timeouts: Timeouts = Timeouts(), tls: ServerTls | None = None,
-                        log=print, on_progress=None, on_complete=None) -> Report:
+                        faults: Plan = Plan(), log=print, on_progress=None,
+                        on_complete=None) -> Report:
     """Accept exactly one migration and write it to output_path (None: verify and discard).
 
     on_complete(report) is called the moment the outcome is decided (output renamed into
     place, DONE sent), before the cleanup that a late cancellation could still interrupt."""
     with collapse_group():
-        async with open_registry(listeners, timeouts, log, tls) as registry:
+        async with open_registry(listeners, timeouts, log, tls, faults) as registry:
             try:
                 await wait_for_channels(registry, timeouts)
-                return await _migrate(registry, output_path, timeouts, on_progress,
+                return await _migrate(registry, output_path, timeouts, faults, on_progress,
                                       on_complete)
             except BaseException as exc:
                 reported = await control.conclude_failure(registry.control, exc, "sender")

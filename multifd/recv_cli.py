@@ -42,14 +42,15 @@ def _log(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
 
-async def _serve(host: str, port: int, args, credentials, completed: list) -> cli.Report:
+async def _serve(host: str, port: int, args, credentials, faults, completed: list) -> cli.Report:
     listeners = await open_listeners(host, port)
     try:
         bound = listeners[0].socket.getsockname()
         _log(f"listening on {format_address(bound[0], bound[1])}")
         return await receive_image(
             listeners, None if args.discard else args.output,
-            timeouts=cli.timeouts_from(args), tls=credentials, log=_log,
+            timeouts=cli.timeouts_from(args), tls=credentials,
+            faults=faults, log=_log,
             on_progress=cli.progress_printer("receiving", not args.quiet and not args.json),
             on_complete=completed.append)
     finally:
@@ -72,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     credentials = None if args.tls is None else cli.usage_guard(
         PROG, args.json, "receiver",
         functools.partial(tls.server_tls, args.tls, args.tls_allow_client))
+    faults = cli.fault_plan(PROG, args, "recv")
     completed: list = []
     return cli.run(PROG, "receiver",
-                   functools.partial(_serve, host, port, args, credentials, completed),
+                   functools.partial(_serve, host, port, args, credentials, faults, completed),
                    args.json, completed)
 
 

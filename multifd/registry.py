@@ -25,6 +25,7 @@ from . import tls as T
 from . import wire
 from .address import format_address
 from .conn import Conn, TlsConn
+from .faults import Plan
 from .settings import Timeouts
 
 # Connections that have not yet sent a complete hello, at once: more than a whole migration's
@@ -134,7 +135,8 @@ def _accepted(sock: socket.socket, tls: T.ServerTls | None, timeouts: Timeouts) 
 
 
 async def _greet(sock: socket.socket, pending: trio.CapacityLimiter, registry: Registry,
-                 timeouts: Timeouts, log, tls: T.ServerTls | None = None) -> None:
+                 timeouts: Timeouts, log, tls: T.ServerTls | None = None,
+                 faults: Plan = Plan()) -> None:
     """Read one hello (after the TLS handshake) and hand the connection to the registry, or
     drop it as a stranger.
 
@@ -155,12 +157,21 @@ async def _greet(sock: socket.socket, pending: trio.CapacityLimiter, registry: R
         # trickles bytes must not hold its slot for ever.
         with trio.move_on_after(timeouts.handshake):
             if tls is not None:
+                # Before the handshake no channel is known: TLS faults hit every connection.
+                if faults.find("tls-stall"):
+                    await trio.sleep_forever()  # until the handshake deadline
+                if faults.find("tls-abort"):
+                    await conn.run("tls", conn.abort_handshake)
                 await conn.run("tls", _server_handshake, conn)
             hello = await conn.run("hello", _read_hello, conn)
         if hello is None:
             raise E.PeerTimeout(f"no {'TLS handshake and ' if tls else ''}complete hello "
                                 f"within {timeouts.handshake:g}s", stage="hello")
         conn.label = hello.label()
+        if faults.find("refuse", conn.label):
+            raise E.TransportError("refused (injected fault)", stage="hello")
+        if delay := faults.find("delay", conn.label):
+            await trio.sleep(delay.params.get("seconds", 5.0))
         if tls is not None and not tls.allows(identity := conn.peer_common_name()):
             await conn.run("hello", conn.send_all,
                            wire.encode_hello_reply(wire.HelloStatus.CLIENT_NOT_ALLOWED))
@@ -190,6 +201,7 @@ async def _greet(sock: socket.socket, pending: trio.CapacityLimiter, registry: R
         if status is not wire.HelloStatus.OK:
             raise E.RemoteProtocolError(wire.HELLO_STATUS_TEXT[status], stage="hello")
         conn.set_timeout(timeouts.idle)
+        conn.sock = faults.wrap_socket(conn.label, conn.sock)
         registry.fill(hello, conn)
         handed_over = True
     except E.MultifdError as exc:
@@ -205,7 +217,8 @@ async def _greet(sock: socket.socket, pending: trio.CapacityLimiter, registry: R
 
 
 async def _accept_loop(listener: trio.SocketListener, registry: Registry, timeouts: Timeouts,
-                       log, nursery: trio.Nursery, tls: T.ServerTls | None) -> None:
+                       log, nursery: trio.Nursery, tls: T.ServerTls | None,
+                       faults: Plan) -> None:
     pending = trio.CapacityLimiter(MAX_PENDING)
     quiet_until = 0.0  # accept errors are logged at most once a second
     while True:
@@ -225,19 +238,19 @@ async def _accept_loop(listener: trio.SocketListener, registry: Registry, timeou
             log(f"dropped a connection: {MAX_PENDING} connections already waiting for a hello")
             sock.close()
             continue
-        nursery.start_soon(_greet, sock, pending, registry, timeouts, log, tls)
+        nursery.start_soon(_greet, sock, pending, registry, timeouts, log, tls, faults)
 
 
 @asynccontextmanager
 async def open_registry(listeners: list[trio.SocketListener], timeouts: Timeouts, log,
-                        tls: T.ServerTls | None = None):
+                        tls: T.ServerTls | None = None, faults: Plan = Plan()):
     """Serve the listeners in the background; yield the Registry; stop and close on exit."""
     registry = Registry()
     try:
         async with trio.open_nursery() as nursery:
             for listener in listeners:
                 nursery.start_soon(_accept_loop, listener, registry, timeouts, log, nursery,
-                                   tls)
+                                   tls, faults)
             yield registry
             nursery.cancel_scope.cancel()
     finally:

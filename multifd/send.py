@@ -32,6 +32,7 @@ from .address import format_address
 from . import tls as T
 from .conn import Conn, TlsConn, collapse_group
 from .digest import DigestSum
+from .faults import Plan
 from .image import SourceImage
 from .pump import BlockSender, Counters
 from .ratelimit import RateLimiter, batch_bytes_for
@@ -41,8 +42,8 @@ from .settings import BATCH_BYTES, DEFAULT_BLOCK_PAGES, DEFAULT_PAGE_SIZE, Timeo
 SIDE = "sender"
 
 
-def _hello_exchange(conn: Conn, hello: wire.Hello) -> None:
-    conn.send_all(wire.encode_hello(hello))
+def _hello_exchange(conn: Conn, hello: wire.Hello, faults: Plan) -> None:
+    conn.send_all(faults.hello_bytes(conn.label, wire.encode_hello(hello)))
     status = wire.decode_hello_reply(conn.recv_bytes(wire.HELLO_REPLY.size, "the hello reply"))
     if status is not wire.HelloStatus.OK:
         raise E.RemoteProtocolError(
@@ -62,9 +63,14 @@ def _reason(exc: OSError) -> str:
 
 
 async def dial(host: str, port: int, hello: wire.Hello, timeouts: Timeouts,
-               tls: T.ClientTls | None = None) -> Conn:
+               tls: T.ClientTls | None = None, faults: Plan = Plan()) -> Conn:
     """Connect, secure (with TLS) and say hello; returns only a fully established channel."""
     label = hello.label()
+    if faults.find("refuse", label):
+        raise E.TransportError(f"cannot connect to {format_address(host, port)}: refused "
+                               f"(injected fault)", side=SIDE, channel=label, stage="connect")
+    if delay := faults.find("delay", label):
+        await trio.sleep(delay.params.get("seconds", 5.0))
     try:
         with trio.fail_after(timeouts.connect):
             stream = await trio.open_tcp_stream(host, port)
@@ -86,18 +92,27 @@ async def dial(host: str, port: int, hello: wire.Hello, timeouts: Timeouts,
         # One deadline for TLS and hello together, as the receiver has.
         with trio.move_on_after(timeouts.handshake) as deadline:
             if tls is not None:
+                await _tls_faults(conn, faults)
                 await conn.run("tls", conn.handshake)
-            await conn.run("hello", _hello_exchange, conn, hello)
+            await conn.run("hello", _hello_exchange, conn, hello, faults)
         if deadline.cancelled_caught:
             raise E.PeerTimeout(f"no TLS handshake and hello reply within "
                                 f"{timeouts.handshake:g}s" if tls else
                                 f"no hello reply within {timeouts.handshake:g}s",
                                 side=SIDE, channel=label, stage="tls" if tls else "hello")
         conn.set_timeout(timeouts.idle)
+        conn.sock = faults.wrap_socket(label, conn.sock)
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+async def _tls_faults(conn: TlsConn, faults: Plan) -> None:
+    if faults.find("tls-stall", conn.label):
+        await trio.sleep_forever()  # until the handshake deadline
+    if faults.find("tls-abort", conn.label):
+        await conn.run("tls", conn.abort_handshake)
 
 
 def _secure(raw: socket.socket, host: str, label: str, tls: T.ClientTls,
@@ -117,11 +132,12 @@ def _secure(raw: socket.socket, host: str, label: str, tls: T.ClientTls,
 
 @asynccontextmanager
 async def open_sender_channels(host: str, port: int, session_id: bytes, channels: int,
-                               timeouts: Timeouts, tls: T.ClientTls | None = None):
+                               timeouts: Timeouts, tls: T.ClientTls | None = None,
+                               faults: Plan = Plan()):
     established: dict[object, Conn] = {}  # the close-on-exit set
 
     async def attempt(key: object, hello: wire.Hello) -> None:
-        established[key] = await dial(host, port, hello, timeouts, tls)
+        established[key] = await dial(host, port, hello, timeouts, tls, faults)
 
     try:
         try:
@@ -145,7 +161,9 @@ async def open_sender_channels(host: str, port: int, session_id: bytes, channels
 async def _channel_task(sender: BlockSender, batches, limiter: RateLimiter | None,
                         block_bytes: int) -> None:
     conn = sender.conn
+    faults = sender.faults
     async for first, last in batches:
+        faults.crash("round", conn.label, round=0)
         budget = (last - first) * block_bytes
         if limiter is not None:
             await limiter.acquire(budget)
@@ -153,6 +171,7 @@ async def _channel_task(sender: BlockSender, batches, limiter: RateLimiter | Non
         if limiter is not None:
             limiter.refund(budget - sent)
     await conn.run("sync", sender.send_marker, wire.PacketKind.SYNC, 0)
+    faults.crash("sync", conn.label)
     await conn.run("finish", sender.finish, 1)
 
 
@@ -181,8 +200,8 @@ async def _pump_all(senders: list[BlockSender], session: wire.Session,
 async def send_image(host: str, port: int, path: str, *, channels: int = 4,
                      page_size: int = DEFAULT_PAGE_SIZE, block_pages: int = DEFAULT_BLOCK_PAGES,
                      max_bandwidth: float | None = None, timeouts: Timeouts = Timeouts(),
-                     tls: T.ClientTls | None = None, on_progress=None,
-                     on_complete=None) -> Report:
+                     tls: T.ClientTls | None = None, faults: Plan = Plan(),
+                     on_progress=None, on_complete=None) -> Report:
     """Migrate the image at `path` to the receiver at host:port. Raises MultifdError.
 
     on_complete(report) is called the moment the receiver's DONE confirmed the image, before
@@ -205,9 +224,10 @@ async def send_image(host: str, port: int, path: str, *, channels: int = 4,
                 f"--idle-timeout)")
         started = trio.current_time()
         session_id = uuid.uuid4().bytes
-        async with open_sender_channels(host, port, session_id, channels, timeouts, tls) as (
-                ctl, datas):
-            senders = [BlockSender(conn, source, session) for conn in datas]
+        async with open_sender_channels(host, port, session_id, channels, timeouts, tls,
+                                        faults) as (ctl, datas):
+            faults.crash("setup")
+            senders = [BlockSender(conn, source, session, faults) for conn in datas]
             try:
                 async with trio.open_nursery() as nursery:
                     if on_progress is not None:
@@ -221,6 +241,7 @@ async def send_image(host: str, port: int, path: str, *, channels: int = 4,
                 for s in senders:
                     total.merge(s.sum)
                     counters.merge(s.counters)
+                faults.crash("completion")
                 await control.send(ctl, "finish", wire.Complete(
                     1, counters.packets, counters.pages, counters.zero_pages, total.digest()))
                 done = await control.receive(ctl, "finish", wire.Done, "receiver")

@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         send_image, host, port, args.image, channels=args.channels, page_size=args.page_size,
         block_pages=args.packet_pages, max_bandwidth=args.max_bandwidth,
         timeouts=cli.timeouts_from(args), tls=credentials,
+        faults=cli.fault_plan(PROG, args, "send"),
         on_progress=cli.progress_printer("sending", not args.quiet and not args.json),
         on_complete=completed.append)
     return cli.run(PROG, "sender", main_fn, args.json, completed)

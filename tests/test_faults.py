@@ -1,0 +1,244 @@
+"""--fault: the grammar (on strings) and the guarantees (real CLIs, real sockets).
+
+For every injected fault, on the first, a middle and the last of 4 data channels, plaintext and
+TLS: both processes end within a bound; the failing side exits 1 (99 for a crash) with one line
+naming the channel and cause; nothing is left in the output directory; and a fresh migration on
+the same port succeeds afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import cli, files_in, run_sender, start_receiver
+from multifd import certs
+from multifd import errors as E
+from multifd.faults import CRASH_EXIT, Fault, parse, parse_size
+
+# ------------------------------------------------------------------ the grammar
+
+
+@pytest.mark.parametrize("spec, side, expected", [
+    ("tls-stall@3", "send", Fault("tls-stall", "3", {})),
+    ("reset@5:after=64MiB", "send", Fault("reset", "5", {"after": 64 << 20})),
+    ("crash:round=1", "recv", Fault("crash", "all", {"round": 1})),
+    ("crash@2:phase=sync", "send", Fault("crash", "2", {"phase": "sync"})),
+    ("stall@control:after=1K", "recv", Fault("stall", "control", {"after": 1000})),
+    ("delay@0:seconds=0.5", "send", Fault("delay", "0", {"seconds": 0.5})),
+    (" corrupt-payload@1 : packet=3 ", "send", Fault("corrupt-payload", "1", {"packet": 3})),
+    ("full-disk:after=0", "recv", Fault("full-disk", "all", {"after": 0})),
+    ("tls-abort", "recv", Fault("tls-abort", "all", {})),
+])
+def test_specs_parse(spec, side, expected):
+    assert parse(spec, side) == expected
+
+
+@pytest.mark.parametrize("spec, side, why", [
+    ("explode@1", "send", "unknown action 'explode'"),
+    ("reset@64", "send", "channel '64' is not a data channel 0..63"),
+    ("reset@x", "send", "channel 'x' is not"),
+    ("reset@1:after", "send", "'after' is not KEY=VALUE"),
+    ("reset@1:after=", "send", "'after=' is not KEY=VALUE"),
+    ("reset@1:packet=2", "send", "reset takes after, not 'packet'"),
+    ("reset@1:after=1,after=2", "send", "after given twice"),
+    ("reset@1:after=lots", "send", "'lots' is not a size"),
+    ("corrupt-header:packet=1", "send", "corrupt-header needs a channel"),
+    ("corrupt-header@1:packet=-1", "send", "packet='-1' is not a number"),
+    ("crash", "send", "crash needs phase=setup|sync|completion or round=R"),
+    ("crash:phase=lunch", "send", "phase='lunch' is not one of setup, sync, completion"),
+    ("crash:phase=sync,round=1", "send", "crash needs phase"),
+    ("full-disk", "send", "full-disk is a fault of multifd-recv, not of multifd-send"),
+    ("bad-magic@1", "recv", "bad-magic is a fault of multifd-send"),
+    ("tls-stall@2", "recv", "its TLS faults hit every connection"),
+    ("delay@1:seconds=9999", "send", "seconds='9999' is not in 0..3600"),
+])
+def test_malformed_specs_say_what_is_wrong(spec, side, why):
+    with pytest.raises(E.UsageError) as info:
+        parse(spec, side)
+    assert str(info.value).startswith(f"--fault {spec!r}: ") and why in str(info.value), \
+        str(info.value)
+
+
+@pytest.mark.parametrize("text, size", [("0", 0), ("4096", 4096), ("1K", 1000), ("1KiB", 1024),
+                                        ("64MiB", 64 << 20), ("2G", 2 * 10**9), ("3mb", 3 * 10**6)])
+def test_sizes(text, size):
+    assert parse_size(text) == size
+
+
+def test_cli_rejects_a_malformed_spec_in_one_line(make_image):
+    image = make_image(1 << 20)
+    res = run_sender("127.0.0.1:9", image, "--fault", "reset@1:after=soon")
+    assert res.returncode == 2
+    assert res.stderr == "multifd-send: --fault 'reset@1:after=soon': 'soon' is not a size " \
+                         "(e.g. 4096, 64MiB, 1G)\n"
+    res = subprocess.run([*cli("recv"), "--listen", "127.0.0.1:0", "--discard", "--fault",
+                          "tls-stall"], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2
+    assert res.stderr == "multifd-recv: --fault tls-stall@all: a TLS fault needs --tls\n"
+
+
+# ------------------------------------------------------------------ the guarantees
+
+CHANNELS = 4
+FAST = ("--handshake-timeout", "1.5", "--idle-timeout", "1.5", "--connect-timeout", "2")
+BOUND = 6  # seconds past the sender's exit for the receiver to be done
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("pki") / "certs")
+    certs.generate(directory, ["127.0.0.1"])
+    return directory
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    from multifd.mkimage import write_image
+    path = str(tmp_path_factory.mktemp("img") / "mixed.img")
+    write_image(path, 8 << 20, "mixed", 7)
+    return path
+
+
+def _last_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if "listening on" not in line
+             and " dropped " not in line]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+def migrate_with_fault(tmp_path, image, pki, *, tls: bool, send_fault=None, recv_fault=None):
+    """Run one faulted migration; check the guarantees that hold for every fault; return
+    (sender rc, sender stderr, receiver rc or None if it never saw the migration begin,
+    receiver stderr)."""
+    tls_args = ("--tls", pki) if tls else ()
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    recv = start_receiver(str(outdir / "vm.img"), *FAST, *tls_args,
+                          *(("--fault", recv_fault) if recv_fault else ()))
+    start = time.monotonic()
+    sent = run_sender(recv.address, image, "--channels", str(CHANNELS), "--packet-pages",
+                      "64", *FAST, *tls_args, *(("--fault", send_fault) if send_fault else ()),
+                      timeout=30)
+    try:
+        _, err = recv.proc.communicate(timeout=BOUND)
+        rc = recv.proc.returncode
+    except subprocess.TimeoutExpired:
+        # It never saw the migration begin (the sender failed before its control channel was
+        # established): waiting for a migration is its job, and SIGTERM ends that at once.
+        recv.proc.send_signal(signal.SIGTERM)
+        _, err = recv.proc.communicate(timeout=5)
+        assert recv.proc.returncode == 143, err
+        rc = None
+    recv_err = recv.early_stderr + err
+    elapsed = time.monotonic() - start
+    assert elapsed < 20, f"the faulted migration took {elapsed:.1f}s"
+    assert files_in(outdir) == [], "something was left in the output directory"
+    _fresh_migration(tmp_path, image, recv.port, tls_args)
+    return sent.returncode, sent.stderr, rc, recv_err
+
+
+def _fresh_migration(tmp_path, image, port, tls_args):
+    out = tmp_path / "again.img"
+    recv = start_receiver(str(out), *FAST, *tls_args, listen=f"127.0.0.1:{port}")
+    sent = run_sender(recv.address, image, *tls_args, timeout=30)
+    rc, _, err = recv.finish(timeout=30)
+    assert sent.returncode == 0 and rc == 0, (sent.stderr, err)
+    with open(image, "rb") as f:
+        assert out.read_bytes() == f.read()
+    out.unlink()
+
+
+POSITIONS = [0, 2, CHANNELS - 1]
+MODES = [pytest.param(False, id="plain"), pytest.param(True, id="tls")]
+
+
+@pytest.mark.parametrize("tls", MODES)
+@pytest.mark.parametrize("k", POSITIONS)
+@pytest.mark.parametrize("fault, sender_says, receiver_rc", [
+    ("corrupt-header@{k}", "receiver failed: data channel {k}, data: bad packet magic", 1),
+    ("corrupt-payload@{k}:packet=1", "receiver failed: data channel {k}, data: packet 1 ", 1),
+    ("reset@{k}:after=300K", "data channel {k}, data: connection reset by an injected fault",
+     1),
+    ("stall@{k}:after=300K", "receiver failed: ", 1),
+    ("dup-channel@{k}", "duplicate channel id", None),
+    ("refuse@{k}", "data channel {k}, connect: cannot connect to", None),
+])
+def test_sender_faults(tmp_path, image, pki, tls, k, fault, sender_says, receiver_rc):
+    rc, err, recv_rc, recv_err = migrate_with_fault(
+        tmp_path, image, pki, tls=tls, send_fault=fault.format(k=k))
+    line = _last_line(err)
+    assert rc == 1 and sender_says.format(k=k) in line, line
+    assert line.startswith("multifd-send: sender: ")
+    if receiver_rc is not None:
+        assert recv_rc == receiver_rc, recv_err
+        assert _last_line(recv_err).startswith("multifd-recv: receiver: "), recv_err
+
+
+@pytest.mark.parametrize("tls", MODES)
+@pytest.mark.parametrize("k", POSITIONS)
+def test_sender_crash_after_its_sync_marker(tmp_path, image, pki, tls, k):
+    """QEMU's history: the sender dies right after some channels sent their sync marker."""
+    rc, err, recv_rc, recv_err = migrate_with_fault(
+        tmp_path, image, pki, tls=tls, send_fault=f"crash@{k}:phase=sync")
+    assert rc == CRASH_EXIT and err == "", err
+    assert recv_rc == 1 and "closed" in _last_line(recv_err), recv_err
+
+
+@pytest.mark.parametrize("tls", MODES)
+@pytest.mark.parametrize("k", POSITIONS)
+@pytest.mark.parametrize("fault, receiver_says", [
+    ("reset@{k}:after=300K", "data channel {k}, data: connection reset by an injected fault"),
+    ("stall@{k}", "did not finish round 0"),
+])
+def test_receiver_faults(tmp_path, image, pki, tls, k, fault, receiver_says):
+    rc, err, recv_rc, recv_err = migrate_with_fault(
+        tmp_path, image, pki, tls=tls, recv_fault=fault.format(k=k))
+    line = _last_line(err)
+    assert recv_rc == 1 and receiver_says.format(k=k) in _last_line(recv_err), recv_err
+    assert rc == 1 and line.startswith("multifd-send: sender: "), line
+
+
+@pytest.mark.parametrize("tls", MODES)
+def test_full_disk_on_the_receiver(tmp_path, image, pki, tls):
+    rc, err, recv_rc, recv_err = migrate_with_fault(tmp_path, image, pki, tls=tls,
+                                                    recv_fault="full-disk:after=1MiB")
+    line = _last_line(err)
+    assert recv_rc == 1 and "No space left on device" in _last_line(recv_err), recv_err
+    assert rc == 1 and "receiver failed: " in line and "No space left on device" in line, line
+
+
+@pytest.mark.parametrize("k", POSITIONS)
+@pytest.mark.parametrize("fault, sender_says", [
+    ("tls-stall@{k}", "data channel {k}, tls: no TLS handshake and hello reply within 1.5s"),
+    ("tls-abort@{k}", "data channel {k}, tls: TLS handshake aborted by an injected fault"),
+])
+def test_a_tls_handshake_fails_while_the_others_are_handshaking(tmp_path, image, pki, k,
+                                                                fault, sender_says):
+    """The seed's race: one channel's handshake breaks while the others are in flight."""
+    rc, err, _, _ = migrate_with_fault(tmp_path, image, pki, tls=True,
+                                       send_fault=fault.format(k=k))
+    line = _last_line(err)
+    assert rc == 1 and sender_says.format(k=k) in line, line
+
+
+def test_sigterm_to_a_sender_whose_channel_stalled(tmp_path, image, pki):
+    """Cancel as a user would, while a channel hangs: exit 143 at once, nothing left."""
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    recv = start_receiver(str(outdir / "vm.img"), "--idle-timeout", "30")
+    sender = subprocess.Popen([*cli("send"), "--quiet", recv.address, image, "--packet-pages",
+                               "64", "--fault", "stall@1:after=300K", "--idle-timeout", "30"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    sender.send_signal(signal.SIGTERM)
+    _, err = sender.communicate(timeout=10)
+    rc, _, recv_err = recv.finish(timeout=10)
+    assert sender.returncode == 143, err
+    assert rc == 1 and "sender failed: terminated by SIGTERM" in recv_err, recv_err
+    assert files_in(outdir) == []
+    assert os.path.exists(image)
