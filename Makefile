@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: all venv certs demo test bench iperf3 clean
+.PHONY: all venv certs demo test fuzz bench iperf3 clean
 
 all: test
 
@@ -34,6 +34,11 @@ demo: venv certs
 
 test: venv
 	$(PY) -m pytest -q
+
+# The wire decoders on hostile bytes, far longer than in make test (new inputs every run).
+FUZZ_EXAMPLES ?= 20000
+fuzz: venv
+	MULTIFD_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q --timeout 3600 tests/test_wire.py
 
 iperf3:
 	@command -v iperf3 >/dev/null || { apt-get update -qq && \

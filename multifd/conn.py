@@ -71,6 +71,17 @@ class collapse_group:
 IOV_BATCH = 512
 
 
+def _before(exc: BaseException, interrupted: int) -> bool:
+    """Whether `exc` is a failure of this side's own that happened before the cancellation
+    (errors.next_seq order): it may be the first error of all, which trio only saw later than
+    another channel's. A connection that merely ended is treated as the cancellation's doing."""
+    happened = getattr(exc, "multifd_seq", None)
+    if happened is None or happened > interrupted:
+        return False
+    return isinstance(exc, InjectedFault) or not isinstance(
+        exc, (ConnectionError, ssl.SSLEOFError, E.PeerClosed))
+
+
 def _stamped(fn, *args):
     """fn(*args), with any exception stamped with the moment it happened (see errors.seq)."""
     try:
@@ -208,12 +219,8 @@ class Conn:
                         return await trio.to_thread.run_sync(
                             _stamped, fn, *args, limiter=trio.CapacityLimiter(1))
                     except Exception as exc:
-                        happened = getattr(exc, "multifd_seq", None)
-                        if interrupted is not None and (happened is None
-                                                        or happened > interrupted):
+                        if interrupted is not None and not _before(exc, interrupted):
                             # The failure is the shutdown we caused: report the cancellation.
-                            # A failure from before it is real, and may be the first error
-                            # of all: trio may simply have seen another one sooner.
                             await trio.lowlevel.checkpoint()
                         err = self.error(exc, stage)
                         # Ordered by when it happened in the thread, not by when trio got to
@@ -377,5 +384,5 @@ class TlsConn(Conn):
         return super().error(exc, stage)
 
     def explain_tls(self, exc: ssl.SSLError, stage: str) -> str:
-        return tls.explain(exc, peer=self.peer_name, name=self.hostname,
-                           handshake=stage in ("tls", "hello"), hint=self.hint) or str(exc)
+        return tls.explain(exc, peer=self.peer_name, name=self.hostname, stage=stage,
+                           hint=self.hint) or str(exc)

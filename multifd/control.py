@@ -14,11 +14,12 @@ from . import errors as E
 from . import wire
 from .conn import Conn, first_error
 
+# How long a side waits for its peer's reason after a broken channel.
 EXPLAIN_GRACE = 2.0
 
 # Why this run is being cancelled, for the peer's benefit (set by whoever cancels it, e.g. the
 # SIGTERM watcher): a task that only sees trio.Cancelled cannot know.
-cancel_reason = trio.lowlevel.RunVar("cancel_reason", default="cancelled")  # how long a side waits for its peer's reason after a broken channel
+cancel_reason = trio.lowlevel.RunVar("cancel_reason", default="cancelled")
 
 
 def _printable(text: str) -> str:

@@ -41,6 +41,7 @@ import struct
 from dataclasses import dataclass, field
 
 from . import errors as E
+from . import wire
 
 CRASH_EXIT = 99
 ACTIONS = {
@@ -157,9 +158,6 @@ class Plan:
     def __init__(self, faults=()) -> None:
         self.faults = list(faults)
 
-    def __bool__(self) -> bool:
-        return bool(self.faults)
-
     def find(self, action: str, label: str | None = None) -> Fault | None:
         for fault in self.faults:
             if fault.action == action and (label is None or fault.hits(label)):
@@ -183,7 +181,6 @@ class Plan:
 
     def hello_bytes(self, label: str, data: bytes) -> bytes:
         """The hello as this plan has it sent: corrupted field by field."""
-        from . import wire
         fault = next((f for f in self.faults if f.action in HELLO_FAULTS and f.hits(label)),
                      None)
         if fault is None:

@@ -179,16 +179,19 @@ _VERIFY = {
 }
 
 
-def explain(exc: BaseException, *, peer: str, name: str | None = None, handshake: bool = True,
+_DURING = {"tls": " during the TLS handshake", "hello": " before answering the hello"}
+
+
+def explain(exc: BaseException, *, peer: str, name: str | None = None, stage: str = "tls",
             hint: str = "") -> str | None:
-    """One line for an ssl failure on a connection to `peer` ("the receiver", "the sender");
-    None if `exc` is not an ssl error. `name` is the host name the certificate was checked
-    against."""
+    """One line for an ssl failure on a connection to `peer` ("the receiver", "the sender")
+    at `stage`; None if `exc` is not an ssl error. `name` is the host name the certificate was
+    checked against."""
     if not isinstance(exc, ssl.SSLError):
         return None
     fields = dict(peer=peer, name=name, ca=CA_CERT, hint=hint,
-                  during=" during the TLS handshake" if handshake else
-                  " without a TLS close (the stream may be truncated)")
+                  during=_DURING.get(stage, " without a TLS close (the stream may be "
+                                            "truncated)"))
     if isinstance(exc, ssl.SSLCertVerificationError):
         text = _VERIFY.get(exc.verify_code)
         if text is None:

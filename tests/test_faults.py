@@ -242,3 +242,44 @@ def test_sigterm_to_a_sender_whose_channel_stalled(tmp_path, image, pki):
     assert rc == 1 and "sender failed: terminated by SIGTERM" in recv_err, recv_err
     assert files_in(outdir) == []
     assert os.path.exists(image)
+
+
+@pytest.mark.parametrize("tls", MODES)
+@pytest.mark.parametrize("fault, sender_says", [
+    ("bad-magic@2", "data channel 2, hello: connection closed by the peer while waiting for "
+                    "the hello reply"),
+    ("bad-version@2", "data channel 2, hello: receiver refused our protocol version"),
+    ("bad-session@2", "data channel 2, hello: receiver rejected the hello: unknown session"),
+    ("bad-channel@2", "data channel 2, hello: receiver rejected the hello: channel id or count "
+                      "out of range"),
+    ("delay@2:seconds=3", "data channel 2, hello: connection closed by the peer while waiting"),
+])
+def test_corrupt_or_late_hellos(tmp_path, image, pki, tls, fault, sender_says):
+    """The receiver's handshake timeout (1.5 s) is shorter than the delay: channel 2 arrives
+    after the receiver gave up on the migration."""
+    rc, err, _, recv_err = migrate_with_fault(tmp_path, image, pki, tls=tls, send_fault=fault)
+    line = _last_line(err)
+    assert rc == 1 and line.startswith("multifd-send: sender: "), line
+    if tls and fault.startswith("bad-magic"):  # no reply to a stranger, inside TLS too
+        sender_says = "data channel 2, hello: the receiver closed the connection before " \
+                      "answering the hello"
+    if not fault.startswith("delay"):
+        assert sender_says in line, line
+
+
+@pytest.mark.parametrize("phase", ["setup", "completion"])
+def test_sender_crash_at_a_phase(tmp_path, image, pki, phase):
+    rc, err, recv_rc, recv_err = migrate_with_fault(tmp_path, image, pki, tls=False,
+                                                    send_fault=f"crash:phase={phase}")
+    assert rc == CRASH_EXIT and err == "", err
+    assert recv_rc == 1 and "closed by the peer" in _last_line(recv_err), recv_err
+
+
+@pytest.mark.parametrize("tls", MODES)
+def test_receiver_refuses_a_channel(tmp_path, image, pki, tls):
+    rc, err, recv_rc, recv_err = migrate_with_fault(tmp_path, image, pki, tls=tls,
+                                                    recv_fault="refuse@3")
+    said = "the receiver closed the connection before answering the hello" if tls else \
+        "connection closed by the peer while waiting for the hello reply"
+    assert rc == 1 and f"data channel 3, hello: {said}" in _last_line(err), err
+    assert recv_rc == 1 and "dropped data channel 3" in recv_err, recv_err

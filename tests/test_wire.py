@@ -7,6 +7,7 @@ All pure: no event loop, no sockets.
 from __future__ import annotations
 
 import ast
+import os
 import pathlib
 import random
 import re
@@ -40,7 +41,9 @@ LAST_PAGES = 4
 # An image that is an exact multiple of the block size (so offset == image size is aligned).
 S_EXACT = Session(4 * BLOCK, PAGE, BLOCK_PAGES)
 
-HYPO = settings(max_examples=300, deadline=None, database=None, derandomize=True)
+# make test: a short, repeatable run; make fuzz: MULTIFD_FUZZ_EXAMPLES=N, new inputs each time.
+_LONG = int(os.environ.get("MULTIFD_FUZZ_EXAMPLES", "0"))
+HYPO = settings(max_examples=_LONG or 300, deadline=None, database=None, derandomize=not _LONG)
 
 
 # ------------------------------------------------------------------------------------ helpers
