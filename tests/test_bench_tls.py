@@ -144,19 +144,15 @@ def test_multifd_tls_against_the_raw_tls_baseline_is_a_ratio_with_no_goal():
     assert starts == {bench.NAME_WIDTH}
 
 
-def test_raw_tls_discard_sits_beside_multifd_tls_discard_and_needs_credentials():
-    i = bench.CASES.index("raw-tls-discard")
-    assert "multifd-tls-discard" in bench.CASES[i - 1:i + 2]
-    assert "raw-tls-discard" in bench.TLS_CASES
-    assert bench._case_list("raw-discard,raw-tls-discard") == ("raw-tls-discard", "raw-discard")
-
-
-def test_raw_tls_newfile_sits_beside_multifd_tls_newfile_and_needs_credentials():
-    i = bench.CASES.index("raw-tls-newfile")
-    assert "multifd-tls-newfile" in bench.CASES[i - 1:i + 2]
-    assert "raw-tls-newfile" in bench.TLS_CASES
-    assert bench._case_list("raw-tls-newfile,multifd-tls-newfile") == (
-        "multifd-tls-newfile", "raw-tls-newfile")
+@pytest.mark.parametrize("kind", ["discard", "newfile"])
+def test_raw_tls_case_sits_beside_its_multifd_case_and_needs_credentials(kind):
+    raw, ours = f"raw-tls-{kind}", f"multifd-tls-{kind}"
+    i = bench.CASES.index(raw)
+    assert ours in bench.CASES[i - 1:i + 2]
+    assert raw in bench.TLS_CASES
+    plain = f"raw-{kind}"
+    assert bench._case_list(f"{raw},{ours},{plain}") == tuple(
+        c for c in bench.CASES if c in (raw, ours, plain))
 
 
 def test_multifd_tls_newfile_against_the_raw_tls_baseline_is_a_ratio_with_no_goal():
