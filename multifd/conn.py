@@ -385,4 +385,4 @@ class TlsConn(Conn):
 
     def explain_tls(self, exc: ssl.SSLError, stage: str) -> str:
         return tls.explain(exc, peer=self.peer_name, name=self.hostname, stage=stage,
-                           hint=self.hint) or str(exc)
+                           hint=self.hint, side=self.side) or str(exc)

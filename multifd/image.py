@@ -1,11 +1,13 @@
 """The source image and the output file.
 
-The output is written into a temporary file beside the target and renamed into place only
-after verification, so a failed migration never leaves a file under the final name.
+The output is written into a temporary file beside the target (unnamed where the file system
+allows) and put in place only after verification, so a failed migration never leaves a file
+under the final name.
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import stat
@@ -95,7 +97,12 @@ def check_output_path(path: str) -> None:
 
 
 class OutputFile:
-    """A temporary file beside `path`, renamed over `path` by publish(), removed otherwise.
+    """A temporary file beside `path`, put in place by publish(), gone otherwise.
+
+    Where the file system allows, the file is unnamed (O_TMPFILE) until publish() links it in:
+    a receiver that crashes or is killed mid-transfer then leaves nothing behind, since the
+    kernel frees an unnamed file with its last descriptor. Elsewhere it is a hidden
+    `.NAME.*.part` file, removed on every exit that runs Python's cleanup.
 
     Positioned writes from any thread. The file is created sparse at the image's final size:
     zero pages are never written and stay holes.
@@ -106,30 +113,52 @@ class OutputFile:
         self._pwrite = pwrite  # a fault plan may hand in one that fails
         self.path = path
         self.size = size
-        directory, name = os.path.split(os.path.abspath(path))
-        try:
-            self.fd, self.tmp_path = tempfile.mkstemp(prefix=f".{name}.", suffix=".part",
-                                                      dir=directory)
-        except OSError as exc:
-            raise UsageError(f"cannot create a file in {directory}: {exc.strerror}") from None
+        self.directory, name = os.path.split(os.path.abspath(path))
+        self._prefix = f".{name}."
+        self.tmp_path: str | None = None  # the temporary name, while there is one
         self._committed = False
+        self.fd = self._open_unnamed()
+        if self.fd < 0:
+            try:
+                self.fd, self.tmp_path = tempfile.mkstemp(prefix=self._prefix, suffix=".part",
+                                                          dir=self.directory)
+            except OSError as exc:
+                raise UsageError(f"cannot create a file in {self.directory}: "
+                                 f"{exc.strerror}") from None
         try:
-            # mkstemp makes the file private (0600); the output gets the mode a new file
-            # would get from the umask, like cp's.
+            # The output gets the mode a new file would get from the umask, like cp's (mkstemp
+            # makes its file private).
             umask = os.umask(0)
             os.umask(umask)
             os.fchmod(self.fd, 0o666 & ~umask)
             os.ftruncate(self.fd, size)
         except OSError as exc:
             self.discard()
-            raise ImageError(f"cannot size {self.tmp_path} to {size} bytes: {exc.strerror}")
+            raise ImageError(f"cannot size {self.what} to {size} bytes: {exc.strerror}")
+
+    def _open_unnamed(self) -> int:
+        """An O_TMPFILE descriptor in the output's directory, or -1 where there is none."""
+        flag = getattr(os, "O_TMPFILE", 0)
+        if not flag or not os.path.isdir("/proc/self/fd"):  # publish() links through /proc
+            return -1
+        try:
+            return os.open(self.directory, flag | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                return -1  # this file system (or kernel) has no unnamed files
+            raise UsageError(f"cannot create a file in {self.directory}: "
+                             f"{exc.strerror}") from None
+
+    @property
+    def what(self) -> str:
+        return self.tmp_path or f"the temporary output in {self.directory}"
 
     def write(self, view: memoryview, offset: int) -> None:
         while view:
             try:
                 n = self._pwrite(self.fd, view, offset)
             except OSError as exc:
-                raise ImageError(f"writing {self.tmp_path}: {exc.strerror}") from None
+                raise ImageError(f"writing {self.what}: {exc.strerror}") from None
             view = view[n:]
             offset += n
 
@@ -138,19 +167,22 @@ class OutputFile:
         try:
             os.fsync(self.fd)
         except OSError as exc:
-            raise ImageError(f"syncing {self.tmp_path}: {exc.strerror}") from None
+            raise ImageError(f"syncing {self.what}: {exc.strerror}") from None
 
     def publish(self) -> None:
-        """Rename the synced file over the output: the point of no return (fast)."""
+        """Put the synced file in place under the output's name: the point of no return."""
         try:
-            os.rename(self.tmp_path, self.path)
+            if self.tmp_path is None:
+                self._link_in()
+            else:
+                os.rename(self.tmp_path, self.path)
         except OSError as exc:
             raise ImageError(f"committing {self.path}: {exc.strerror}") from None
         self._committed = True
         # The image is in place and its data synced. Making the rename itself durable is
         # best effort: failing here must not report a migration that succeeded as failed.
         try:
-            dirfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+            dirfd = os.open(self.directory, os.O_RDONLY)
             try:
                 os.fsync(dirfd)
             finally:
@@ -158,11 +190,30 @@ class OutputFile:
         except OSError:
             pass
 
+    def _link_in(self) -> None:
+        """Give the unnamed file the output's name. A link cannot replace a file: an existing
+        output is replaced by a rename from a fresh temporary name, which a crash in the
+        instant between the two calls would leave behind."""
+        # Through /proc, where linkat() follows the descriptor's link to the file; with a
+        # src_dir_fd, os.link calls linkat() (plain link() would link the symlink itself).
+        procfd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            try:
+                os.link(str(self.fd), self.path, src_dir_fd=procfd, follow_symlinks=True)
+                return
+            except FileExistsError:
+                pass
+            self.tmp_path = f"{self.directory}/{self._prefix}{os.urandom(6).hex()}.part"
+            os.link(str(self.fd), self.tmp_path, src_dir_fd=procfd, follow_symlinks=True)
+        finally:
+            os.close(procfd)
+        os.rename(self.tmp_path, self.path)
+
     def discard(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        if not self._committed:
+        if not self._committed and self.tmp_path is not None:
             try:
                 os.unlink(self.tmp_path)
             except FileNotFoundError:

@@ -1,10 +1,11 @@
 """The sending side of one migration.
 
 Theory of operation:
-1. open_sender_channels() dials the control channel and all N data channels concurrently in one
-   nursery. Each attempt is connect -> hello -> hello accepted; only then does its Conn join the
-   close-on-exit set. The function yields only when every channel is established; the first
-   failure cancels the other attempts, and everything already established is closed.
+1. open_sender_channels() dials the control channel, then all N data channels concurrently in
+   one nursery. Each attempt is connect -> hello -> hello accepted; only then does its Conn join
+   the close-on-exit set. The function yields only when every channel is established; the first
+   failure cancels the other attempts, is told to the receiver, and everything already
+   established is closed.
 2. SESSION / READY on the control channel.
 3. A producer task hands batches of blocks to the channel tasks through an unbuffered memory
    channel (backpressure: a batch is taken only by an idle channel). Each channel task sends
@@ -134,23 +135,27 @@ def _secure(raw: socket.socket, host: str, label: str, tls: T.ClientTls,
 async def open_sender_channels(host: str, port: int, session_id: bytes, channels: int,
                                timeouts: Timeouts, tls: T.ClientTls | None = None,
                                faults: Plan = Plan()):
+    """The control channel first, then every data channel concurrently.
+
+    Control first because only the control channel binds the receiver to this migration:
+    once it is established, any failure of ours reaches the receiver as a reason, so both
+    sides end. A data channel failing while the control channel was still connecting would
+    leave the receiver waiting for a migration that had already died."""
     established: dict[object, Conn] = {}  # the close-on-exit set
 
     async def attempt(key: object, hello: wire.Hello) -> None:
         established[key] = await dial(host, port, hello, timeouts, tls, faults)
 
     try:
+        await attempt("control", wire.Hello(wire.Role.CONTROL, session_id, 0, channels))
         try:
             with collapse_group():
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(attempt, "control",
-                                       wire.Hello(wire.Role.CONTROL, session_id, 0, channels))
                     for i in range(channels):
                         nursery.start_soon(attempt, i,
                                            wire.Hello(wire.Role.DATA, session_id, i, channels))
         except BaseException as exc:
-            if "control" in established:  # the receiver would otherwise wait and guess
-                await control.tell_peer(established["control"], exc)
+            await control.tell_peer(established["control"], exc)
             raise
         yield established["control"], [established[i] for i in range(channels)]
     finally:

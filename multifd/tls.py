@@ -179,19 +179,22 @@ _VERIFY = {
 }
 
 
-_DURING = {"tls": " during the TLS handshake", "hello": " before answering the hello"}
+# When the peer left, by the stage we were in: in the hello stage the sender waits for the
+# reply, the receiver for the hello itself.
+_DURING = {"tls": " during the TLS handshake", "hello": " before answering the hello",
+           "hello@receiver": " before its hello was complete"}
 
 
 def explain(exc: BaseException, *, peer: str, name: str | None = None, stage: str = "tls",
-            hint: str = "") -> str | None:
+            hint: str = "", side: str = "sender") -> str | None:
     """One line for an ssl failure on a connection to `peer` ("the receiver", "the sender")
-    at `stage`; None if `exc` is not an ssl error. `name` is the host name the certificate was
-    checked against."""
+    at `stage`, seen from `side`; None if `exc` is not an ssl error. `name` is the host name
+    the certificate was checked against."""
     if not isinstance(exc, ssl.SSLError):
         return None
+    during = _DURING.get(f"{stage}@{side}", _DURING.get(stage))
     fields = dict(peer=peer, name=name, ca=CA_CERT, hint=hint,
-                  during=_DURING.get(stage, " without a TLS close (the stream may be "
-                                            "truncated)"))
+                  during=during or " without a TLS close (the stream may be truncated)")
     if isinstance(exc, ssl.SSLCertVerificationError):
         text = _VERIFY.get(exc.verify_code)
         if text is None:

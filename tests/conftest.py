@@ -78,3 +78,17 @@ def make_image(tmp_path):
 
 def files_in(directory) -> list[str]:
     return sorted(os.listdir(directory))
+
+
+def writing_into(proc: subprocess.Popen, directory) -> bool:
+    """Whether the process holds a file in `directory` open: its temporary output, unnamed
+    (shown by the kernel as "DIR/#INODE (deleted)") or not."""
+    prefix = f"{os.path.realpath(directory)}/"
+    fds = f"/proc/{proc.pid}/fd"
+    for fd in os.listdir(fds):
+        try:
+            if os.readlink(f"{fds}/{fd}").startswith(prefix):
+                return True
+        except FileNotFoundError:  # closed meanwhile
+            pass
+    return False

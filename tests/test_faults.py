@@ -8,6 +8,7 @@ the same port succeeds afterwards.
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import time
@@ -110,33 +111,46 @@ def _last_line(stderr: str) -> str:
     return lines[0]
 
 
-def migrate_with_fault(tmp_path, image, pki, *, tls: bool, send_fault=None, recv_fault=None):
+def migrate_with_fault(tmp_path, image, pki, *, tls: bool, send_fault=None, recv_fault=None,
+                       begins: bool = True, channels: int = CHANNELS):
     """Run one faulted migration; check the guarantees that hold for every fault; return
-    (sender rc, sender stderr, receiver rc or None if it never saw the migration begin,
-    receiver stderr)."""
+    (sender rc, sender stderr, receiver rc, receiver stderr).
+
+    begins: whether the receiver sees the migration begin (its control channel established).
+    If it does, it must end within BOUND of the sender. If not (the fault struck the control
+    channel before that), waiting for a migration is still its job: it must be waiting, and
+    it takes the next migration (or, if the fault is its own, SIGTERM ends it with 143). The
+    receiver rc returned is then None."""
     tls_args = ("--tls", pki) if tls else ()
     outdir = tmp_path / "out"
     outdir.mkdir()
     recv = start_receiver(str(outdir / "vm.img"), *FAST, *tls_args,
                           *(("--fault", recv_fault) if recv_fault else ()))
     start = time.monotonic()
-    sent = run_sender(recv.address, image, "--channels", str(CHANNELS), "--packet-pages",
+    sent = run_sender(recv.address, image, "--channels", str(channels), "--packet-pages",
                       "64", *FAST, *tls_args, *(("--fault", send_fault) if send_fault else ()),
                       timeout=30)
-    try:
-        _, err = recv.proc.communicate(timeout=BOUND)
-        rc = recv.proc.returncode
-    except subprocess.TimeoutExpired:
-        # It never saw the migration begin (the sender failed before its control channel was
-        # established): waiting for a migration is its job, and SIGTERM ends that at once.
-        recv.proc.send_signal(signal.SIGTERM)
-        _, err = recv.proc.communicate(timeout=5)
-        assert recv.proc.returncode == 143, err
+    if begins:
+        rc, _, recv_err = recv.finish(timeout=BOUND)
+    else:
+        time.sleep(0.2)
+        assert recv.proc.poll() is None, recv.finish()[2]
         rc = None
-    recv_err = recv.early_stderr + err
+        if recv_fault is None:  # the same receiver takes the next migration
+            again = run_sender(recv.address, image, *tls_args, timeout=30)
+            ok_rc, _, recv_err = recv.finish(timeout=30)
+            assert again.returncode == 0 and ok_rc == 0, (again.stderr, recv_err)
+            with open(image, "rb") as f:
+                assert (outdir / "vm.img").read_bytes() == f.read()
+            (outdir / "vm.img").unlink()
+        else:
+            recv.proc.send_signal(signal.SIGTERM)
+            sig_rc, _, recv_err = recv.finish(timeout=5)
+            assert sig_rc == 143, recv_err
     elapsed = time.monotonic() - start
     assert elapsed < 20, f"the faulted migration took {elapsed:.1f}s"
     assert files_in(outdir) == [], "something was left in the output directory"
+    assert "Traceback" not in recv_err, recv_err
     _fresh_migration(tmp_path, image, recv.port, tls_args)
     return sent.returncode, sent.stderr, rc, recv_err
 
@@ -158,24 +172,30 @@ MODES = [pytest.param(False, id="plain"), pytest.param(True, id="tls")]
 
 @pytest.mark.parametrize("tls", MODES)
 @pytest.mark.parametrize("k", POSITIONS)
-@pytest.mark.parametrize("fault, sender_says, receiver_rc", [
-    ("corrupt-header@{k}", "receiver failed: data channel {k}, data: bad packet magic", 1),
-    ("corrupt-payload@{k}:packet=1", "receiver failed: data channel {k}, data: packet 1 ", 1),
+@pytest.mark.parametrize("fault, sender_says, receiver_says", [
+    ("corrupt-header@{k}", "receiver failed: data channel {k}, data: bad packet magic",
+     "data channel {k}, data: bad packet magic"),
+    ("corrupt-payload@{k}:packet=1", "receiver failed: data channel {k}, data: packet 1 ",
+     "data channel {k}, data: packet 1 "),
     ("reset@{k}:after=300K", "data channel {k}, data: connection reset by an injected fault",
-     1),
-    ("stall@{k}:after=300K", "receiver failed: ", 1),
-    ("dup-channel@{k}", "duplicate channel id", None),
-    ("refuse@{k}", "data channel {k}, connect: cannot connect to", None),
+     "sender failed: data channel {k}, data: connection reset by an injected fault"),
+    ("stall@{k}:after=300K", "receiver failed: ",
+     # whichever of the receiver's two timeouts strikes first: the stalled channel's own
+     # silence, or another channel waiting for it at the round barrier
+     r"(data channel {k}, data: peer silent for 1.5s|channel {k} did not finish round 0)"),
+    ("dup-channel@{k}", "duplicate channel id", "sender failed: "),
+    ("refuse@{k}", "data channel {k}, connect: cannot connect to",
+     "sender failed: data channel {k}, connect: cannot connect to"),
 ])
-def test_sender_faults(tmp_path, image, pki, tls, k, fault, sender_says, receiver_rc):
+def test_sender_faults(tmp_path, image, pki, tls, k, fault, sender_says, receiver_says):
     rc, err, recv_rc, recv_err = migrate_with_fault(
         tmp_path, image, pki, tls=tls, send_fault=fault.format(k=k))
     line = _last_line(err)
     assert rc == 1 and sender_says.format(k=k) in line, line
     assert line.startswith("multifd-send: sender: ")
-    if receiver_rc is not None:
-        assert recv_rc == receiver_rc, recv_err
-        assert _last_line(recv_err).startswith("multifd-recv: receiver: "), recv_err
+    recv_line = _last_line(recv_err)
+    assert recv_rc == 1 and recv_line.startswith("multifd-recv: receiver: "), recv_err
+    assert re.search(receiver_says.format(k=k), recv_line), recv_line
 
 
 @pytest.mark.parametrize("tls", MODES)
@@ -219,10 +239,12 @@ def test_full_disk_on_the_receiver(tmp_path, image, pki, tls):
 def test_a_tls_handshake_fails_while_the_others_are_handshaking(tmp_path, image, pki, k,
                                                                 fault, sender_says):
     """The seed's race: one channel's handshake breaks while the others are in flight."""
-    rc, err, _, _ = migrate_with_fault(tmp_path, image, pki, tls=True,
-                                       send_fault=fault.format(k=k))
+    rc, err, recv_rc, recv_err = migrate_with_fault(tmp_path, image, pki, tls=True,
+                                                    send_fault=fault.format(k=k))
     line = _last_line(err)
     assert rc == 1 and sender_says.format(k=k) in line, line
+    assert recv_rc == 1 and f"sender failed: {sender_says.format(k=k)}" in _last_line(
+        recv_err), recv_err
 
 
 def test_sigterm_to_a_sender_whose_channel_stalled(tmp_path, image, pki):
@@ -255,9 +277,12 @@ def test_sigterm_to_a_sender_whose_channel_stalled(tmp_path, image, pki):
 def test_corrupt_or_late_hellos(tmp_path, image, pki, tls, fault, sender_says):
     """The receiver's handshake timeout (1.5 s) is shorter than the delay: channel 2 arrives
     after the receiver gave up on the migration."""
-    rc, err, _, recv_err = migrate_with_fault(tmp_path, image, pki, tls=tls, send_fault=fault)
+    rc, err, recv_rc, recv_err = migrate_with_fault(tmp_path, image, pki, tls=tls,
+                                                    send_fault=fault)
     line = _last_line(err)
     assert rc == 1 and line.startswith("multifd-send: sender: "), line
+    assert recv_rc == 1 and _last_line(recv_err).startswith("multifd-recv: receiver: "), \
+        recv_err
     if tls and fault.startswith("bad-magic"):  # no reply to a stranger, inside TLS too
         sender_says = "data channel 2, hello: the receiver closed the connection before " \
                       "answering the hello"
@@ -273,6 +298,24 @@ def test_sender_crash_at_a_phase(tmp_path, image, pki, phase):
     assert recv_rc == 1 and "closed by the peer" in _last_line(recv_err), recv_err
 
 
+@pytest.mark.parametrize("fault, tls", [
+    ("crash:phase=setup", False),
+    ("crash@1:round=0", False),
+    ("crash@1:round=0", True),
+    ("crash@2:phase=sync", False),
+    ("crash@2:phase=sync", True),
+    ("crash:phase=completion", False),
+])
+def test_receiver_crash_at_a_phase(tmp_path, image, pki, fault, tls):
+    """The receiver dies with its output half written: its temporary file has no name, so
+    nothing is left behind (checked by migrate_with_fault)."""
+    rc, err, recv_rc, recv_err = migrate_with_fault(tmp_path, image, pki, tls=tls,
+                                                    recv_fault=fault)
+    assert recv_rc == CRASH_EXIT and "Traceback" not in recv_err, recv_err
+    line = _last_line(err)
+    assert rc == 1 and line.startswith("multifd-send: sender: "), line
+
+
 @pytest.mark.parametrize("tls", MODES)
 def test_receiver_refuses_a_channel(tmp_path, image, pki, tls):
     rc, err, recv_rc, recv_err = migrate_with_fault(tmp_path, image, pki, tls=tls,
@@ -281,3 +324,56 @@ def test_receiver_refuses_a_channel(tmp_path, image, pki, tls):
         "connection closed by the peer while waiting for the hello reply"
     assert rc == 1 and f"data channel 3, hello: {said}" in _last_line(err), err
     assert recv_rc == 1 and "dropped data channel 3" in recv_err, recv_err
+
+
+LOST = r"(connection lost|the (sender|receiver) closed the connection without a TLS close)"
+
+
+@pytest.mark.parametrize("tls", MODES)
+@pytest.mark.parametrize("side, fault, begins, sender_says, receiver_says", [
+    ("send", "refuse@control", False, "control channel, connect: cannot connect to", None),
+    ("send", "bad-magic@control", False, "control channel, hello: ", None),
+    ("send", "bad-version@control", False,
+     "control channel, hello: receiver refused our protocol version", None),
+    ("send", "bad-session@control", True, "hello: receiver rejected the hello: unknown session",
+     "sender failed: "),
+    ("send", "reset@control", True,
+     "control channel, setup: connection reset by an injected fault",
+     f"control channel, setup: {LOST}"),
+    ("send", "stall@control", True, "control channel, setup: ",
+     r"control channel, setup: peer silent for 1\.5s"),
+    ("recv", "refuse@control", False, "control channel, hello: ", None),
+    ("recv", "reset@control", True, f"control channel, setup: {LOST}",
+     "control channel, setup: connection reset by an injected fault"),
+    ("recv", "stall@control", True, r"control channel, setup: peer silent for 1\.5s",
+     f"control channel, setup: {LOST}"),
+    ("recv", "delay@control:seconds=3", True, "control channel, (tls|hello): no ",
+     r"setup: data channels 0, 1, 2, 3 did not arrive within 1\.5s"),
+])
+def test_control_channel_faults(tmp_path, image, pki, tls, side, fault, begins, sender_says,
+                                receiver_says):
+    """A fault that strikes the control channel before it is established leaves the receiver
+    waiting for a migration (`begins` False), which it then completes; after that, both end.
+    The expected lines are regular expressions."""
+    rc, err, recv_rc, recv_err = migrate_with_fault(
+        tmp_path, image, pki, tls=tls, begins=begins,
+        **{"send_fault" if side == "send" else "recv_fault": fault})
+    line = _last_line(err)
+    assert rc == 1 and line.startswith("multifd-send: sender: "), line
+    assert re.search(sender_says, line), line
+    if begins:
+        recv_line = _last_line(recv_err)
+        assert recv_rc == 1 and re.search(receiver_says, recv_line), recv_err
+    elif side == "send" and "refuse" not in fault:
+        assert "multifd-recv: dropped connection from 127.0.0.1:" in recv_err, recv_err
+
+
+@pytest.mark.parametrize("fault, sender_says", [
+    ("tls-stall@control", "control channel, tls: no TLS handshake and hello reply within 1.5s"),
+    ("tls-abort@control", "control channel, tls: TLS handshake aborted by an injected fault"),
+])
+def test_control_channel_tls_faults(tmp_path, image, pki, fault, sender_says):
+    rc, err, _, recv_err = migrate_with_fault(tmp_path, image, pki, tls=True, begins=False,
+                                              send_fault=fault)
+    assert rc == 1 and sender_says in _last_line(err), err
+    assert "multifd-recv: dropped connection from 127.0.0.1:" in recv_err, recv_err

@@ -27,7 +27,8 @@ from multifd import errors as E
 from multifd.digest import DigestSum, block_term, term_bytes
 from multifd.send import send_image
 from multifd.settings import Timeouts
-from multifd.tls import client_tls
+from multifd import tls as T
+from multifd.tls import client_tls, server_tls
 from test_lifecycle import clean  # noqa: F401 - the fixture
 
 DAY = datetime.timedelta(days=1)
@@ -330,9 +331,9 @@ def test_receiver_killed_mid_stream_the_sender_reports_why(pki, make_image, tmp_
 
 async def test_a_failed_handshake_ends_setup_while_the_others_still_handshake(clean, pki,
                                                                              image):
-    """The seed's race, with TLS: channel handshakes are in flight (the server never answers
-    them) when one fails. The first error ends the setup at once; no thread, task or socket
-    of the others is left behind (the `clean` fixture counts them)."""
+    """The seed's race, with TLS: data channel handshakes are in flight (the server never
+    answers them) when one fails. The first error ends the setup at once; no thread, task or
+    socket of the others is left behind (the `clean` fixture counts them)."""
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
     port = listener.socket.getsockname()[1]
     accepted = []
@@ -341,7 +342,16 @@ async def test_a_failed_handshake_ends_setup_while_the_others_still_handshake(cl
         while True:
             stream = await listener.accept()
             accepted.append(stream)
-            if len(accepted) == 4:  # by now others wait for their ServerHello
+            if len(accepted) == 1:  # the control channel: answered like a receiver would
+                control = trio.SSLStream(stream, server_tls(pki.recv).context,
+                                         server_side=True)
+                accepted[0] = control
+                await control.do_handshake()
+                hello = b""
+                while len(hello) < wire.HELLO.size:
+                    hello += await control.receive_some(wire.HELLO.size - len(hello))
+                await control.send_all(wire.encode_hello_reply(wire.HelloStatus.OK))
+            if len(accepted) == 4:  # by now other data channels wait for their ServerHello
                 await trio.sleep(0.2)
                 await stream.send_all(b"HTTP/1.0 400 Bad Request\r\n\r\n")
 
@@ -355,7 +365,8 @@ async def test_a_failed_handshake_ends_setup_while_the_others_still_handshake(cl
                                  tls=client_tls(pki.send))
             nursery.cancel_scope.cancel()
     for stream in accepted:
-        await stream.aclose()
+        with trio.move_on_after(1):
+            await stream.aclose()
     await listener.aclose()
     assert trio.current_time() - start < 3, "waited for the handshake timeout"
     assert info.value.stage == "tls" and "does not speak TLS" in info.value.message, info.value
@@ -406,3 +417,71 @@ def test_a_stream_cut_without_a_tls_close_is_an_error(pki, tmp_path):
     assert rc == 1, stderr
     assert "data channel 0" in stderr and "without a TLS close" in stderr, stderr
     assert files_in(tmp_path) == []
+
+
+# ------------------------------------------------------------------ hostile strangers
+
+def _tls_stranger(address, ca: str | None, identity: str | None, hello: bytes = b"") -> None:
+    """A TLS client that may present a certificate and may send a hello, then reads until
+    the receiver closes on it (it must: every one of these is a stranger)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_verify_locations(os.path.join(ca, T.CA_CERT))
+    if identity is not None:
+        ctx.load_cert_chain(os.path.join(identity, T.CLIENT_CERT),
+                            os.path.join(identity, T.CLIENT_KEY))
+    with socket.create_connection(address, timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+        try:
+            s.sendall(hello)
+            while s.recv(4096):
+                pass
+        except (ssl.SSLError, ConnectionError):
+            pass  # the receiver's alert, or its reset: refused either way
+
+
+def test_strangers_are_dropped_and_the_tls_migration_completes(pki, make_image, tmp_path):
+    image = make_image(12 << 20)
+    out = str(tmp_path / "guest.img")
+    recv = start_receiver(out, "--tls", pki.recv, "--handshake-timeout", "1")
+    sender = subprocess.Popen([*cli("send"), recv.address, image, "--quiet", "--tls",
+                               pki.send, "--max-bandwidth", "4MB/s"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    address = (recv.host, recv.port)
+    silent = []
+    try:
+        time.sleep(0.5)
+        for payload in (b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", os.urandom(64),
+                        wire.encode_hello(wire.Hello(wire.Role.DATA, uuid.uuid4().bytes, 0,
+                                                     4))):
+            with socket.create_connection(address, timeout=10) as s:
+                s.sendall(payload)
+                try:
+                    while s.recv(4096):  # until the receiver closes on it
+                        pass
+                except ConnectionError:
+                    pass
+        _tls_stranger(address, pki.send, None)  # no client certificate
+        _tls_stranger(address, pki.send_other_ca, pki.send_other_ca)  # another CA's
+        _tls_stranger(address, pki.send, pki.send,  # ours, but another session
+                      wire.encode_hello(wire.Hello(wire.Role.DATA, uuid.uuid4().bytes, 0, 4)))
+        silent = [socket.create_connection(address, timeout=10) for _ in range(20)]
+        _, err_s = sender.communicate(timeout=60)
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+            sender.communicate()
+        for s in silent:
+            s.close()
+    rc, _, stderr = recv.finish(timeout=30)
+    assert sender.returncode == 0, err_s
+    assert rc == 0, stderr
+    dropped = [line for line in stderr.splitlines() if " dropped " in line]
+    assert len(dropped) == 26, stderr
+    for says in ("sent an HTTP request, not TLS", "does not speak TLS",
+                 "a plaintext multifd hello (the sender was started without --tls)",
+                 "sent no client certificate", "certificate is not signed by our CA",
+                 "unknown session", "no TLS handshake and complete hello within 1s"):
+        assert says in stderr, (says, stderr)
+    with open(image, "rb") as a, open(out, "rb") as b:
+        assert a.read() == b.read()
