@@ -34,10 +34,15 @@ from .faults import InjectedFault
 
 
 def first_error(exc: BaseException) -> BaseException:
-    """The error to report from a (possibly nested) group: the earliest of our own errors,
-    else the first other non-Cancelled one, else a Cancelled."""
+    """The error to report from a (possibly nested) group: the earliest of our own errors
+    (the peer's explained failure before a connection that merely broke), else the first
+    other non-Cancelled one, else a Cancelled."""
     leaves = list(_leaves(exc))
     ours = [e for e in leaves if isinstance(e, E.MultifdError)]
+    if any(isinstance(e, E.PeerError) for e in ours):
+        # The peer's reason beats the errors that only say it went away, even earlier ones:
+        # once read, it is the better report (conclude_failure could not read it again).
+        ours = [e for e in ours if not getattr(e, "peer_may_explain", False)]
     if ours:
         return min(ours, key=lambda e: e.seq)
     others = [e for e in leaves if not isinstance(e, trio.Cancelled)]
@@ -236,6 +241,11 @@ class Conn:
     def explain_tls(self, exc: ssl.SSLError, stage: str) -> str:
         return str(exc)
 
+    async def wait_readable(self) -> None:
+        """Until the peer has sent something or hung up, without reading it: trio's own wait,
+        so cancelling it leaves the connection intact (cancelling run() shuts it down)."""
+        await trio.lowlevel.wait_readable(self.raw)
+
     def shutdown(self) -> None:
         try:
             # The plain socket's shutdown, also under TLS: SSLSocket's own would drop the
@@ -293,6 +303,12 @@ class TlsConn(Conn):
 
     def handshake(self) -> None:
         self.sock.do_handshake()
+
+    async def wait_readable(self) -> None:
+        if self.sock.pending():  # already decrypted: the socket itself may stay quiet
+            await trio.lowlevel.checkpoint()
+            return
+        await super().wait_readable()
 
     def abort_handshake(self) -> None:
         """Send the first handshake flight, then cut the connection (a fault for tests)."""

@@ -38,8 +38,9 @@ async def send(conn: Conn, stage: str, msg: wire.ControlMessage) -> None:
     await conn.run(stage, conn.send_all, wire.encode_control(msg))
 
 
-async def receive(conn: Conn, stage: str, expected: type, peer: str):
-    """The next message, which must be `expected`; a peer's ERROR becomes PeerError.
+async def receive(conn: Conn, stage: str, expected: type | None, peer: str):
+    """The next message, which must be `expected` (None: no message may come); a peer's ERROR
+    becomes PeerError.
 
     WORKING may come only before DONE: each one restarts the idle timeout there. Anywhere
     else it is a protocol error, so a peer cannot use it to defeat the timeout."""
@@ -49,11 +50,23 @@ async def receive(conn: Conn, stage: str, expected: type, peer: str):
     if isinstance(msg, wire.ErrorMessage):
         raise E.PeerError(f"{peer} failed: {_printable(msg.text)}", side=conn.side,
                           stage=stage)
-    if not isinstance(msg, expected):
+    if expected is None or not isinstance(msg, expected):
         raise E.RemoteProtocolError(
-            f"got {type(msg).__name__} (expected {expected.__name__})", side=conn.side,
+            f"got {type(msg).__name__} (expected "
+            f"{expected.__name__ if expected else 'nothing yet'})", side=conn.side,
             channel=conn.label, stage=stage)
     return msg
+
+
+async def heed(conn: Conn, stage: str, expected: type | None, peer: str):
+    """Wait, without reading, until the peer speaks on a channel where it has nothing to say
+    yet but its reason for giving up; then read that message as receive() does.
+
+    Cancelling the wait leaves the channel intact. A read once begun is not cancelled (that
+    would shut the channel down): it is bounded by the channel's idle timeout instead."""
+    await conn.wait_readable()
+    with trio.CancelScope(shield=True):
+        return await receive(conn, stage, expected, peer)
 
 
 def error_code(err: BaseException) -> wire.ErrorCode:

@@ -4,13 +4,15 @@ Theory of operation:
 1. open_registry() accepts connections in the background for the whole migration, so strangers
    arriving mid-transfer are greeted and dropped without disturbing it.
 2. wait_for_channels(): the first valid control hello names the session; then every data
-   channel must arrive within the handshake timeout.
+   channel must arrive within the handshake timeout. Meanwhile the control channel is
+   heeded (watched without reading): a sender that gives up says why there.
 3. SESSION is checked, the temporary output is created, READY is sent.
-4. One task per data channel receives packets in its worker thread, one hop per round; at each
-   SYNC the task waits at the RoundBarrier until every channel has finished that round, so no
-   packet of round r+1 is applied while another channel may still deliver round r.
+4. One task per data channel receives packets in its worker thread, one hop per round (the
+   control channel heeded meanwhile, as in 2); at each SYNC the task waits at the
+   RoundBarrier until every channel has finished that round, so no packet of round r+1 is
+   applied while another channel may still deliver round r.
 5. After every channel's END: COMPLETE is read, the counts and the digest are compared, the
-   file is fsynced and renamed into place, and DONE is sent.
+   file is fsynced and linked (or renamed) into place, and DONE is sent.
 """
 
 from __future__ import annotations
@@ -150,12 +152,13 @@ def _verify(session: wire.Session, complete: wire.Complete, counters: Counters,
         fail(f"image digest {total.hexdigest()} (sender announced {complete.digest.hex()})")
 
 
-async def _migrate(registry, output_path: str | None, timeouts: Timeouts,
-                   faults: Plan, on_progress, on_complete) -> Report:
+async def _migrate(registry, session: wire.Session | None, output_path: str | None,
+                   timeouts: Timeouts, faults: Plan, on_progress, on_complete) -> Report:
     ctl = registry.control
     started = trio.current_time()
     faults.crash("setup")
-    session = await control.receive(ctl, "setup", wire.Session, "sender")
+    if session is None:
+        session = await control.receive(ctl, "setup", wire.Session, "sender")
     output = OutputFile(output_path, session.image_size,
                         faults.wrap_pwrite(os.pwrite)) if output_path else None
     with output if output is not None else nullcontext():
@@ -166,18 +169,27 @@ async def _migrate(registry, output_path: str | None, timeouts: Timeouts,
         barrier = RoundBarrier(len(receivers))
         rounds: set[int] = set()
 
+        early = None
+
         async def run_channel(receiver: BlockReceiver) -> None:
             rounds.add(await _receive_channel(receiver, barrier, timeouts, faults))
+
+        async def heed_sender() -> None:
+            # A sender that fails says why here, even while its data channels hang; one that
+            # is done sends COMPLETE, possibly before we have read all it sent.
+            nonlocal early
+            early = await control.heed(ctl, "data", wire.Complete, "sender")
 
         async with trio.open_nursery() as nursery:
             if on_progress is not None:
                 nursery.start_soon(on_progress, lambda: sum(
                     r.counters.image_bytes for r in receivers), session.image_size)
+            nursery.start_soon(heed_sender)
             async with trio.open_nursery() as channels:
                 for receiver in receivers:
                     channels.start_soon(run_channel, receiver)
             nursery.cancel_scope.cancel()
-        complete = await control.receive(ctl, "finish", wire.Complete, "sender")
+        complete = early or await control.receive(ctl, "finish", wire.Complete, "sender")
         total, counters = DigestSum(), Counters()
         for r in receivers:
             total.merge(r.sum)
@@ -217,9 +229,9 @@ async def receive_image(listeners: list[trio.SocketListener], output_path: str |
     with collapse_group():
         async with open_registry(listeners, timeouts, log, tls, faults) as registry:
             try:
-                await wait_for_channels(registry, timeouts)
-                return await _migrate(registry, output_path, timeouts, faults, on_progress,
-                                      on_complete)
+                session = await wait_for_channels(registry, timeouts)
+                return await _migrate(registry, session, output_path, timeouts, faults,
+                                      on_progress, on_complete)
             except BaseException as exc:
                 reported = await control.conclude_failure(registry.control, exc, "sender")
                 if reported is exc:

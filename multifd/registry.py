@@ -20,11 +20,12 @@ from contextlib import asynccontextmanager
 
 import trio
 
+from . import control
 from . import errors as E
 from . import tls as T
 from . import wire
 from .address import format_address
-from .conn import Conn, TlsConn
+from .conn import Conn, TlsConn, collapse_group
 from .faults import Plan
 from .settings import Timeouts
 
@@ -257,11 +258,26 @@ async def open_registry(listeners: list[trio.SocketListener], timeouts: Timeouts
         registry.close_all()
 
 
-async def wait_for_channels(registry: Registry, timeouts: Timeouts) -> None:
-    """Wait for a migration to begin (unbounded), then for all its channels (bounded)."""
+async def wait_for_channels(registry: Registry, timeouts: Timeouts) -> wire.Session | None:
+    """Wait for a migration to begin (unbounded), then for all its channels (bounded).
+
+    Meanwhile the control channel is heeded: a sender that gives up during setup says why
+    there, and this ends at once. Returns the sender's SESSION if it came during the wait (it
+    may: the sender sends it once all its hellos were answered, which can be a moment before
+    the last answered channel is registered here)."""
     await registry.session_known.wait()
+    early = None
+
+    async def heed_sender() -> None:
+        nonlocal early
+        early = await control.heed(registry.control, "setup", wire.Session, "sender")
+
     with trio.move_on_after(timeouts.handshake):
-        await registry.complete.wait()
+        with collapse_group():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(heed_sender)
+                await registry.complete.wait()
+                nursery.cancel_scope.cancel()
     if not registry.complete.is_set():
         missing = registry.missing()
         what = "the control channel" if registry.control is None else (
@@ -270,3 +286,4 @@ async def wait_for_channels(registry: Registry, timeouts: Timeouts) -> None:
         raise E.MissingChannels(f"{what} did not arrive within {timeouts.handshake:g}s "
                             f"({len(registry.data)} of {registry.channels} data channels "
                             f"connected)", side=SIDE, stage="setup")
+    return early

@@ -9,7 +9,8 @@ Theory of operation:
 2. SESSION / READY on the control channel.
 3. A producer task hands batches of blocks to the channel tasks through an unbuffered memory
    channel (backpressure: a batch is taken only by an idle channel). Each channel task sends
-   its batch from its worker thread, then SYNC and END.
+   its batch from its worker thread, then SYNC and END. In 1 and 3 the control channel is
+   heeded (watched without reading): a receiver that gives up says why there.
 4. COMPLETE (counts and the image digest) / DONE: the receiver verified and committed.
 The first error anywhere cancels the rest; control.conclude_failure tells the peer why, or
 reads the peer's reason when ours is only "the connection broke".
@@ -148,15 +149,22 @@ async def open_sender_channels(host: str, port: int, session_id: bytes, channels
 
     try:
         await attempt("control", wire.Hello(wire.Role.CONTROL, session_id, 0, channels))
+        ctl = established["control"]
         try:
             with collapse_group():
                 async with trio.open_nursery() as nursery:
-                    for i in range(channels):
-                        nursery.start_soon(attempt, i,
-                                           wire.Hello(wire.Role.DATA, session_id, i, channels))
+                    # A receiver that gives up meanwhile says why on the control channel.
+                    nursery.start_soon(control.heed, ctl, "setup", None, "receiver")
+                    async with trio.open_nursery() as dials:
+                        for i in range(channels):
+                            dials.start_soon(attempt, i, wire.Hello(wire.Role.DATA, session_id,
+                                                                    i, channels))
+                    nursery.cancel_scope.cancel()
         except BaseException as exc:
-            await control.tell_peer(established["control"], exc)
-            raise
+            reported = await control.conclude_failure(ctl, exc, "receiver")
+            if reported is exc:
+                raise
+            raise reported from None
         yield established["control"], [established[i] for i in range(channels)]
     finally:
         for conn in established.values():
@@ -240,6 +248,8 @@ async def send_image(host: str, port: int, path: str, *, channels: int = 4,
                             s.counters.image_bytes for s in senders), session.image_size)
                     await control.send(ctl, "setup", session)
                     await control.receive(ctl, "setup", wire.Ready, "receiver")
+                    # A receiver that fails says why here, even while our sends hang.
+                    nursery.start_soon(control.heed, ctl, "data", None, "receiver")
                     await _pump_all(senders, session, max_bandwidth)
                     nursery.cancel_scope.cancel()
                 total, counters = DigestSum(), Counters()
