@@ -8,6 +8,8 @@ explanation once its data channels have broken.
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
+
 import trio
 
 from . import errors as E
@@ -58,15 +60,54 @@ async def receive(conn: Conn, stage: str, expected: type | None, peer: str):
     return msg
 
 
-async def heed(conn: Conn, stage: str, expected: type | None, peer: str):
-    """Wait, without reading, until the peer speaks on a channel where it has nothing to say
-    yet but its reason for giving up; then read that message as receive() does.
+class Heard:
+    """What heeding() read: the expected message if it came early, else None."""
 
-    Cancelling the wait leaves the channel intact. A read once begun is not cancelled (that
-    would shut the channel down): it is bounded by the channel's idle timeout instead."""
-    await conn.wait_readable()
-    with trio.CancelScope(shield=True):
-        return await receive(conn, stage, expected, peer)
+    message = None
+
+
+@asynccontextmanager
+async def heeding(conn: Conn, stage: str, expected: type | None, peer: str):
+    """Heed the control channel while the body runs, when the peer has nothing to say on it
+    yet but its reason for giving up (or, a moment early, `expected`).
+
+    Heeding is waiting for the channel to become readable, without reading: trio's own wait,
+    which the end of the body cancels harmlessly. Once the peer has begun a message, it is
+    read whole (as receive() does: an ERROR raises PeerError, which cancels the body) before
+    this exits, but within EXPLAIN_GRACE: a peer that sends part of a message and stops is a
+    timeout. A cancellation from outside (a signal, a deadline) ends the read too."""
+    heard = Heard()
+    failure = None
+    try:
+        async with trio.open_nursery() as nursery:
+            waiting = await nursery.start(_heed, conn, stage, expected, peer, heard)
+            try:
+                yield heard
+            except BaseException as exc:
+                # Not the nursery's to cancel: a message begun is read to its end (it may be
+                # the peer's reason for what just failed here). A cancellation from outside
+                # reaches the reader anyway.
+                failure = exc
+            waiting.cancel()
+    except BaseException as exc:
+        raise first_error(BaseExceptionGroup("heeding", [exc] if failure is None
+                                             else [failure, exc])) from None
+    if failure is not None:
+        raise failure
+
+
+async def _heed(conn: Conn, stage: str, expected: type | None, peer: str, heard: Heard,
+                task_status=trio.TASK_STATUS_IGNORED) -> None:
+    with trio.CancelScope() as waiting:
+        task_status.started(waiting)
+        await conn.wait_readable()
+    if waiting.cancelled_caught:
+        return
+    with trio.move_on_after(EXPLAIN_GRACE):
+        heard.message = await receive(conn, stage, expected, peer)
+        return
+    raise E.PeerTimeout(f"{peer} began a control message and did not finish it within "
+                        f"{EXPLAIN_GRACE:g}s", side=conn.side, channel=conn.label, stage=stage)
 
 
 def error_code(err: BaseException) -> wire.ErrorCode:

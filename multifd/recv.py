@@ -169,27 +169,22 @@ async def _migrate(registry, session: wire.Session | None, output_path: str | No
         barrier = RoundBarrier(len(receivers))
         rounds: set[int] = set()
 
-        early = None
-
         async def run_channel(receiver: BlockReceiver) -> None:
             rounds.add(await _receive_channel(receiver, barrier, timeouts, faults))
-
-        async def heed_sender() -> None:
-            # A sender that fails says why here, even while its data channels hang; one that
-            # is done sends COMPLETE, possibly before we have read all it sent.
-            nonlocal early
-            early = await control.heed(ctl, "data", wire.Complete, "sender")
 
         async with trio.open_nursery() as nursery:
             if on_progress is not None:
                 nursery.start_soon(on_progress, lambda: sum(
                     r.counters.image_bytes for r in receivers), session.image_size)
-            nursery.start_soon(heed_sender)
-            async with trio.open_nursery() as channels:
-                for receiver in receivers:
-                    channels.start_soon(run_channel, receiver)
+            # A sender that fails says why there, even while its data channels hang; one that
+            # is done sends COMPLETE, possibly before we have read all it sent.
+            async with control.heeding(ctl, "data", wire.Complete, "sender") as heard:
+                async with trio.open_nursery() as channels:
+                    for receiver in receivers:
+                        channels.start_soon(run_channel, receiver)
             nursery.cancel_scope.cancel()
-        complete = early or await control.receive(ctl, "finish", wire.Complete, "sender")
+        complete = heard.message or await control.receive(ctl, "finish", wire.Complete,
+                                                          "sender")
         total, counters = DigestSum(), Counters()
         for r in receivers:
             total.merge(r.sum)

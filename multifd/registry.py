@@ -25,7 +25,7 @@ from . import errors as E
 from . import tls as T
 from . import wire
 from .address import format_address
-from .conn import Conn, TlsConn, collapse_group
+from .conn import Conn, TlsConn
 from .faults import Plan
 from .settings import Timeouts
 
@@ -266,18 +266,10 @@ async def wait_for_channels(registry: Registry, timeouts: Timeouts) -> wire.Sess
     may: the sender sends it once all its hellos were answered, which can be a moment before
     the last answered channel is registered here)."""
     await registry.session_known.wait()
-    early = None
-
-    async def heed_sender() -> None:
-        nonlocal early
-        early = await control.heed(registry.control, "setup", wire.Session, "sender")
-
+    heard = control.Heard()
     with trio.move_on_after(timeouts.handshake):
-        with collapse_group():
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(heed_sender)
-                await registry.complete.wait()
-                nursery.cancel_scope.cancel()
+        async with control.heeding(registry.control, "setup", wire.Session, "sender") as heard:
+            await registry.complete.wait()
     if not registry.complete.is_set():
         missing = registry.missing()
         what = "the control channel" if registry.control is None else (
@@ -286,4 +278,4 @@ async def wait_for_channels(registry: Registry, timeouts: Timeouts) -> wire.Sess
         raise E.MissingChannels(f"{what} did not arrive within {timeouts.handshake:g}s "
                             f"({len(registry.data)} of {registry.channels} data channels "
                             f"connected)", side=SIDE, stage="setup")
-    return early
+    return heard.message

@@ -151,15 +151,13 @@ async def open_sender_channels(host: str, port: int, session_id: bytes, channels
         await attempt("control", wire.Hello(wire.Role.CONTROL, session_id, 0, channels))
         ctl = established["control"]
         try:
-            with collapse_group():
-                async with trio.open_nursery() as nursery:
-                    # A receiver that gives up meanwhile says why on the control channel.
-                    nursery.start_soon(control.heed, ctl, "setup", None, "receiver")
+            # A receiver that gives up meanwhile says why on the control channel.
+            async with control.heeding(ctl, "setup", None, "receiver"):
+                with collapse_group():
                     async with trio.open_nursery() as dials:
                         for i in range(channels):
                             dials.start_soon(attempt, i, wire.Hello(wire.Role.DATA, session_id,
                                                                     i, channels))
-                    nursery.cancel_scope.cancel()
         except BaseException as exc:
             reported = await control.conclude_failure(ctl, exc, "receiver")
             if reported is exc:
@@ -248,9 +246,9 @@ async def send_image(host: str, port: int, path: str, *, channels: int = 4,
                             s.counters.image_bytes for s in senders), session.image_size)
                     await control.send(ctl, "setup", session)
                     await control.receive(ctl, "setup", wire.Ready, "receiver")
-                    # A receiver that fails says why here, even while our sends hang.
-                    nursery.start_soon(control.heed, ctl, "data", None, "receiver")
-                    await _pump_all(senders, session, max_bandwidth)
+                    # A receiver that fails says why there, even while our sends hang.
+                    async with control.heeding(ctl, "data", None, "receiver"):
+                        await _pump_all(senders, session, max_bandwidth)
                     nursery.cancel_scope.cancel()
                 total, counters = DigestSum(), Counters()
                 for s in senders:

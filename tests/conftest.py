@@ -92,3 +92,15 @@ def writing_into(proc: subprocess.Popen, directory) -> bool:
         except FileNotFoundError:  # closed meanwhile
             pass
     return False
+
+
+def unnamed_files_in(directory) -> bool:
+    """Whether the file system of `directory` has unnamed files (O_TMPFILE). Where it has
+    none, the receiver's temporary output is a hidden .part file, which only a crash leaves
+    behind; the tests then expect that instead."""
+    try:
+        fd = os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600)
+    except OSError:
+        return False
+    os.close(fd)
+    return True

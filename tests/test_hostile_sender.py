@@ -169,3 +169,44 @@ def test_data_hellos_without_a_session_hold_their_pending_slot(tmp_path):
         recv.proc.send_signal(signal.SIGTERM)
         rc, _, stderr = recv.finish(timeout=20)
     assert f"{MAX_PENDING} connections already waiting for a hello" in stderr
+
+
+def test_a_control_message_begun_and_never_finished_is_a_timeout(tmp_path):
+    """While the receiver waits for data channels it heeds the control channel: a sender that
+    sends part of a message and stops is a timeout after a grace period, not a wait bounded
+    only by the idle timeout (the data channel never comes)."""
+    recv = start_receiver(str(tmp_path / "out.img"), "--handshake-timeout", "10",
+                          "--idle-timeout", "30")
+    sid = uuid.uuid4().bytes
+    control = _connect(recv.port, wire.Hello(wire.Role.CONTROL, sid, 0, 1))
+    try:
+        control.sendall(wire.encode_control(wire.Ready())[:3])
+        start = time.monotonic()
+        rc, _, stderr = recv.finish(timeout=20)
+        elapsed = time.monotonic() - start
+    finally:
+        control.close()
+    assert rc == 1 and "sender began a control message and did not finish it within 2s" in \
+        stderr, stderr
+    assert elapsed < 5, f"{elapsed:.1f}s"
+
+
+def test_a_signal_ends_a_control_message_trickled_byte_by_byte(tmp_path):
+    """A trickle that would keep every socket read alive: SIGTERM still ends it at once."""
+    recv = start_receiver(str(tmp_path / "out.img"), "--handshake-timeout", "30",
+                          "--idle-timeout", "30")
+    sid = uuid.uuid4().bytes
+    control = _connect(recv.port, wire.Hello(wire.Role.CONTROL, sid, 0, 1))
+    frame = wire.encode_control(wire.ErrorMessage(wire.ErrorCode.FAILED, "x" * 100))
+    try:
+        for byte in frame[:4]:
+            control.sendall(bytes([byte]))
+            time.sleep(0.3)
+        recv.proc.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        rc, _, stderr = recv.finish(timeout=20)
+        elapsed = time.monotonic() - start
+    finally:
+        control.close()
+    assert rc == 143 and "terminated by SIGTERM" in stderr, stderr
+    assert elapsed < 3, f"{elapsed:.1f}s"
