@@ -127,21 +127,30 @@ def test_rate_goals_miss_below_and_a_failed_case_is_no_result():
     assert re.search(r"^tls/plain newfile +0\.50 ", text, re.M)
 
 
-def test_multifd_tls_against_the_raw_tls_baseline_is_a_ratio_with_no_goal():
+@pytest.mark.parametrize("kind, ours, raw, value, shown", [
+    ("discard", 1.2, 1.5, 0.8, "0.80"), ("newfile", 0.6, 0.8, 0.75, "0.75")])
+def test_multifd_tls_against_the_raw_tls_baseline_is_a_ratio_with_no_goal(kind, ours, raw,
+                                                                          value, shown):
     gib = (1 << 30) / 1e9
-    r = summary({"multifd-tls-discard": [gib / 1.2], "raw-tls-discard": [gib / 1.5]})
-    q = r["tls_ratios"]["multifd-tls-discard/raw-tls-discard"]
-    assert q == {"value": pytest.approx(0.8), "ratio": "multifd-tls-discard/raw-tls-discard"}
-    assert r["cases"]["raw-tls-discard"]["ok"] is True
+    name = f"multifd-tls-{kind}/raw-tls-{kind}"
+    r = summary({f"multifd-tls-{kind}": [gib / ours], f"raw-tls-{kind}": [gib / raw]})
+    assert r["tls_ratios"][name] == {"value": pytest.approx(value), "ratio": name}
+    assert r["cases"][f"raw-tls-{kind}"]["ok"] is True
     assert r["cases"]["raw-discard"] == {"ok": None, "skipped": "not in --cases"}
+    other = "newfile" if kind == "discard" else "discard"
+    assert r["tls_ratios"][f"multifd-tls-{other}/raw-tls-{other}"]["value"] is None
     json.dumps(r)
     lines = bench.table(r).splitlines()
-    line = [x for x in lines if x.startswith("multifd-tls-discard/raw-tls-discard ")]
-    assert len(line) == 1 and line[0].split()[1:] == ["0.80", "(no", "goal)"]
+    line = [x for x in lines if x.startswith(f"{name} ")]
+    assert len(line) == 1 and line[0].split()[1:] == [shown, "(no", "goal)"]
     # Every ratio and goal value starts in one column, whatever the length of its name.
     starts = {x.index(" n/a ") if " n/a " in x else re.search(r" \d+\.\d\d ", x).start()
               for x in lines if "goal" in x}
     assert starts == {bench.NAME_WIDTH}
+    # The newfile ratio is listed just before the discard one.
+    names = [x.split()[0] for x in lines if "goal" in x]
+    i = names.index("multifd-tls-newfile/raw-tls-newfile")
+    assert names[i + 1] == "multifd-tls-discard/raw-tls-discard"
 
 
 @pytest.mark.parametrize("kind", ["discard", "newfile"])
@@ -153,23 +162,6 @@ def test_raw_tls_case_sits_beside_its_multifd_case_and_needs_credentials(kind):
     plain = f"raw-{kind}"
     assert bench._case_list(f"{raw},{ours},{plain}") == tuple(
         c for c in bench.CASES if c in (raw, ours, plain))
-
-
-def test_multifd_tls_newfile_against_the_raw_tls_baseline_is_a_ratio_with_no_goal():
-    gib = (1 << 30) / 1e9
-    r = summary({"multifd-tls-newfile": [gib / 0.6], "raw-tls-newfile": [gib / 0.8]})
-    q = r["tls_ratios"]["multifd-tls-newfile/raw-tls-newfile"]
-    assert q == {"value": pytest.approx(0.75), "ratio": "multifd-tls-newfile/raw-tls-newfile"}
-    assert r["tls_ratios"]["multifd-tls-discard/raw-tls-discard"]["value"] is None
-    json.dumps(r)
-    lines = bench.table(r).splitlines()
-    line = [x for x in lines if x.startswith("multifd-tls-newfile/raw-tls-newfile ")]
-    assert len(line) == 1 and line[0].split()[1:] == ["0.75", "(no", "goal)"]
-    # It is listed next to the discard one, and its value starts in the common column.
-    names = [x.split()[0] for x in lines if "goal" in x]
-    i = names.index("multifd-tls-newfile/raw-tls-newfile")
-    assert names[i + 1] == "multifd-tls-discard/raw-tls-discard"
-    assert line[0].index(" 0.75 ") == bench.NAME_WIDTH
 
 
 @pytest.mark.parametrize("case, primed, discard, tls", [
