@@ -30,7 +30,7 @@ $(CERTS) &: | $(STAMP)
 	  --server-name ::1
 
 demo: venv certs
-	$(PY) -m multifd.demo --tls certs
+	$(PY) -m multifd.tools.demo --tls certs
 
 test: venv
 	$(PY) -m pytest -q

@@ -11,14 +11,14 @@ import importlib
 __all__ = [
     "MultifdError", "UsageError", "ProtocolError", "TransportError", "PeerError",
     "VerificationError", "Timeouts", "Report", "send_image", "receive_image",
-    "open_listeners",
+    "open_listeners", "Faults",
 ]
 
 _WHERE = {
     "MultifdError": "errors", "UsageError": "errors", "ProtocolError": "errors",
     "TransportError": "errors", "PeerError": "errors", "VerificationError": "errors",
     "Timeouts": "settings", "Report": "report", "send_image": "send",
-    "receive_image": "recv", "open_listeners": "recv",
+    "receive_image": "recv", "open_listeners": "recv", "Faults": "faults",
 }
 
 

@@ -8,54 +8,20 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gc
 import os
-import re
 import signal
 import sys
 import traceback
 
 import trio
 
+from . import args as A
 from . import control
-from .conn import collapse_group, first_error
-from .errors import Interrupted, MultifdError, Terminated, UsageError
-from .faults import Plan
+from .errors import Interrupted, MultifdError, Terminated, UsageError, collapse_group, first_error
+from .faults import Faults
 from .faults import parse as parse_fault
 from .report import Report, human_bytes
 from .settings import Timeouts
-
-_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?)([bB]?)(?:/s)?\s*$")
-
-
-def parse_rate(text: str) -> float:
-    """'500MB/s', '1GiB/s', '100M', '2500000' -> bytes per second."""
-    m = _RATE.match(text)
-    if not m or (m.group(3) and not m.group(2)):
-        raise argparse.ArgumentTypeError(f"rate {text!r} does not parse (e.g. 500MB/s, 1GiB/s)")
-    number, prefix, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
-    power = " KMGT".index(prefix) if prefix else 0
-    rate = number * ((1024 if binary else 1000) ** power)
-    if rate <= 0:
-        raise argparse.ArgumentTypeError(f"rate {text!r} must be positive")
-    return rate
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.001 <= value <= 86400:  # also refuses nan and inf
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds in 0.001..86400")
-    return value
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse that exits 2 with one line, not the whole usage block."""
-
-    def error(self, message: str) -> None:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
@@ -63,13 +29,14 @@ def add_common(parser: argparse.ArgumentParser) -> None:
                         help="print one JSON object on stdout instead of the summary")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     d = Timeouts()
-    parser.add_argument("--connect-timeout", type=positive_float, default=d.connect,
-                        metavar="S", help=f"bound on each TCP connect (default {d.connect:g})")
-    parser.add_argument("--handshake-timeout", type=positive_float, default=d.handshake,
+    parser.add_argument("--connect-timeout", type=A.duration, default=d.connect,
+                        metavar="S", help=f"bound on each TCP connect (default {d.connect:g}s)")
+    parser.add_argument("--handshake-timeout", type=A.duration, default=d.handshake,
                         metavar="S", help="bound on each hello, and on all channels arriving "
-                        f"(default {d.handshake:g})")
-    parser.add_argument("--idle-timeout", type=positive_float, default=d.idle, metavar="S",
-                        help=f"bound on any single send or receive (default {d.idle:g})")
+                        f"(default {d.handshake:g}s)")
+    parser.add_argument("--idle-timeout", type=A.duration, default=d.idle, metavar="S",
+                        help=f"bound on any single send or receive, e.g. 30, 2.5s, 500ms "
+                        f"(default {d.idle:g}s)")
     parser.add_argument("--fault", action="append", default=[], metavar="SPEC",
                         help="break a channel on purpose (repeatable): ACTION[@N|@control|@all]"
                         "[:KEY=VALUE,...], e.g. reset@2:after=64MiB, tls-stall@0, "
@@ -79,17 +46,17 @@ def add_common(parser: argparse.ArgumentParser) -> None:
                         "corrupt-payload, reset, stall, crash, full-disk (README: Faults)")
 
 
-def fault_plan(prog: str, args, side: str) -> Plan:
-    """The --fault flags as a plan; a malformed SPEC is the one-line usage error."""
+def faults_from(prog: str, args, side: str) -> Faults:
+    """The --fault flags as the side's Faults; a malformed SPEC is the one-line usage error."""
     who = "sender" if side == "send" else "receiver"
-    plan = Plan([usage_guard(prog, args.json, who, functools.partial(parse_fault, spec, side))
-                 for spec in args.fault])
+    faults = Faults([usage_guard(prog, args.json, who, functools.partial(parse_fault, spec, side))
+                     for spec in args.fault], side)
     if args.tls is None:
-        for fault in plan.faults:
+        for fault in faults.faults:
             if fault.action.startswith("tls-"):
                 usage_guard(prog, args.json, who, functools.partial(
                     _raise_usage, f"--fault {fault}: a TLS fault needs --tls"))
-    return plan
+    return faults
 
 
 def _raise_usage(message: str):
@@ -158,32 +125,41 @@ def run(prog: str, side: str, main, json_mode: bool, completed: list | None = No
 
     `completed` receives the report as soon as the outcome is decided: a signal or error
     that arrives after that, during cleanup, does not turn a finished migration into a
-    failed one."""
-    # Everything imported so far lives as long as the process: keep it out of the collector's
-    # full passes, which otherwise rescan it on the hot path.
-    gc.freeze()
-    gc.enable()
+    failed one. An internal error (a bug) after that point is still said, on stderr, while
+    the exit code stays the decided outcome's."""
     try:
         report = trio.run(_with_signals, main)
     except BaseException as exc:  # noqa: B036 - everything ends here, as one line
-        if completed:
-            return _print_report(completed[0], json_mode)
-        err = first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
-        if isinstance(err, KeyboardInterrupt):
-            code, text = 130, "interrupted"
-        elif isinstance(err, MultifdError):
-            code, text = err.exit_code, str(err)
-        elif isinstance(err, SystemExit):
+        err = first_error(exc)
+        if isinstance(err, SystemExit):
             raise
-        else:
-            if os.environ.get("MULTIFD_DEBUG"):
-                traceback.print_exception(exc)
-            code, text = 1, f"internal error: {err!r} (MULTIFD_DEBUG=1 shows a traceback)"
-        print(f"{prog}: {side}: {text}", file=sys.stderr, flush=True)
+        code, text = _outcome(err, exc)
+        if completed:
+            if not isinstance(err, (MultifdError, KeyboardInterrupt, trio.Cancelled)):
+                _say(prog, side, f"after the outcome was decided: {text}")
+            return _print_report(completed[0], json_mode)
+        _say(prog, side, text)
         if json_mode:
             print(Report(side, ok=False, error=text).to_json(), flush=True)
         return code
     return _print_report(report, json_mode)
+
+
+def _outcome(err: BaseException, exc: BaseException) -> tuple[int, str]:
+    """The exit code and the line for the error `err` (the first of `exc`)."""
+    if isinstance(err, KeyboardInterrupt):
+        return 130, "interrupted"
+    if isinstance(err, MultifdError):
+        return err.exit_code, str(err)
+    if isinstance(err, trio.Cancelled):
+        return 1, "cancelled"
+    if os.environ.get("MULTIFD_DEBUG"):
+        traceback.print_exception(exc)
+    return 1, f"internal error: {err!r} (MULTIFD_DEBUG=1 shows a traceback)"
+
+
+def _say(prog: str, side: str, text: str) -> None:
+    print(f"{prog}: {side}: {text}", file=sys.stderr, flush=True)
 
 
 def _print_report(report: Report, json_mode: bool) -> int:
@@ -203,17 +179,3 @@ def usage_guard(prog: str, json_mode: bool, side: str, fn):
         if json_mode:
             print(Report(side, ok=False, error=str(exc)).to_json(), flush=True)
         raise SystemExit(2) from None
-
-
-def exit_now(code: int) -> None:
-    """End the process without the interpreter's teardown (about 60 ms of the sender's run).
-
-    Only for the console entry points, once main() has returned: by then every file and
-    socket has been closed by the scope that opened it, so only the output streams remain.
-    """
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (BrokenPipeError, ValueError):
-            pass
-    os._exit(code)

@@ -18,7 +18,6 @@ use both cores, where trio's own I/O path costs far more CPU per byte.
 
 from __future__ import annotations
 
-import errno
 import select
 import socket
 import ssl
@@ -30,71 +29,10 @@ import trio
 
 from . import errors as E
 from . import tls
-from .faults import InjectedFault
-
-
-def first_error(exc: BaseException) -> BaseException:
-    """The error to report from a (possibly nested) group: the earliest of our own errors
-    (the peer's explained failure before a connection that merely broke), else the first
-    other non-Cancelled one, else a Cancelled."""
-    leaves = list(_leaves(exc))
-    ours = [e for e in leaves if isinstance(e, E.MultifdError)]
-    if any(isinstance(e, E.PeerError) for e in ours):
-        # The peer's reason beats the errors that only say it went away, even earlier ones:
-        # once read, it is the better report (conclude_failure could not read it again).
-        ours = [e for e in ours if not getattr(e, "peer_may_explain", False)]
-    if ours:
-        return min(ours, key=lambda e: e.seq)
-    others = [e for e in leaves if not isinstance(e, trio.Cancelled)]
-    return others[0] if others else leaves[0]
-
-
-def _leaves(exc: BaseException):
-    if isinstance(exc, BaseExceptionGroup):
-        for sub in exc.exceptions:
-            yield from _leaves(sub)
-    else:
-        yield exc
-
-
-class collapse_group:
-    """Re-raise a nursery's exception group as its one reportable error.
-
-    Used where a nursery is an implementation detail (a guard task beside a thread): callers
-    see the error, not a group of one.
-    """
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, etype, exc, tb):
-        if isinstance(exc, BaseExceptionGroup):
-            raise first_error(exc)
-        return False
-
+from .errors import Stage, caused_by_shutdown, collapse_group, inherit_stamp, stamped_call
+from .side import Side
 
 IOV_BATCH = 512
-
-
-def _before(exc: BaseException, interrupted: int) -> bool:
-    """Whether `exc` is a failure of this side's own that happened before the cancellation
-    (errors.next_seq order): it may be the first error of all, which trio only saw later than
-    another channel's. A connection that merely ended is treated as the cancellation's doing."""
-    happened = getattr(exc, "multifd_seq", None)
-    if happened is None or happened > interrupted:
-        return False
-    return isinstance(exc, InjectedFault) or not isinstance(
-        exc, (ConnectionError, ssl.SSLEOFError, E.PeerClosed))
-
-
-def _stamped(fn, *args):
-    """fn(*args), with any exception stamped with the moment it happened (see errors.seq)."""
-    try:
-        return fn(*args)
-    except BaseException as exc:
-        if not hasattr(exc, "multifd_seq"):
-            exc.multifd_seq = exc.seq if isinstance(exc, E.MultifdError) else E.next_seq()
-        raise
 
 
 class Conn:
@@ -105,9 +43,9 @@ class Conn:
     immediate error; it records nothing else.
     """
 
-    def __init__(self, sock: socket.socket, label: str, *, side: str, timeout: float) -> None:
+    def __init__(self, sock: socket.socket, label: str, *, side: Side, timeout: float) -> None:
         self.sock = sock
-        self.raw = sock  # the socket itself, also once a fault plan wraps `sock`
+        self.raw = sock  # the socket itself, also once a fault seam wraps `sock`
         self.label = label
         self.side = side
         self.set_timeout(timeout)
@@ -117,24 +55,43 @@ class Conn:
         except OSError:
             self.peer = None
 
+    def establish(self, label: str) -> None:
+        """The hellos are done: name the channel, bound its waits by the idle timeout, and
+        put the side's socket seam under it."""
+        self.label = label
+        self.set_timeout(self.side.timeouts.idle)
+        self.sock = self.side.faults.socket(label, self.sock)
+
     def set_timeout(self, seconds: float) -> None:
-        """Bound every later send and receive by `seconds` of inactivity.
+        """Bound every later send and receive by `seconds`.
 
         The bound is the kernel's (SO_RCVTIMEO / SO_SNDTIMEO) on a blocking socket, not
         Python's socket timeout: that one turns every call into poll() plus a non-blocking
         call, which costs a third of the throughput on the bulk path.
         """
         self.sock.settimeout(None)
+        self._kernel_timeouts(seconds, socket.SO_RCVTIMEO, socket.SO_SNDTIMEO)
+        self.timeout = seconds
+
+    def _kernel_timeouts(self, seconds: float, *options: int) -> None:
         whole = int(seconds)
         timeval = struct.pack("ll", whole, int((seconds - whole) * 1e6))
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-        self.timeout = seconds
+        for option in options:
+            self.sock.setsockopt(socket.SOL_SOCKET, option, timeval)
 
     # --- blocking primitives, called from the worker thread
 
     def send_all(self, data) -> None:
-        self.sock.sendall(data)
+        """All of `data` within the timeout: one deadline for the whole call, as with TLS.
+
+        The kernel's send timeout alone is no bound: a send that moved a single byte before it
+        expired returns short, and every retry gets a fresh timeout, so a peer that stopped
+        reading was detected only after two or three timeouts."""
+        deadline = time.monotonic() + self.timeout
+        view = memoryview(data).cast("B")
+        sent = self.sock.send(view)
+        if sent < view.nbytes:
+            self._send_rest(view[sent:], deadline)
 
     def send_parts(self, parts: list) -> None:
         """Send header and payload views with one system call per IOV_BATCH parts (a packet
@@ -144,6 +101,7 @@ class Conn:
 
     def _send_group(self, parts: list) -> None:
         part = None
+        deadline = time.monotonic() + self.timeout
         try:
             sent = self.sock.sendmsg(parts)
             for part in parts:
@@ -151,13 +109,27 @@ class Conn:
                 if sent >= size:
                     sent -= size
                     continue
-                self.sock.sendall(memoryview(part)[sent:])
+                self._send_rest(memoryview(part).cast("B")[sent:], deadline)
                 sent = 0
         finally:
             # A traceback keeps this frame alive: it must not keep a view of the sender's
             # mapped window alive too, or the window could not be unmapped.
             part = None
             parts = None
+
+    def _send_rest(self, view: memoryview, deadline: float) -> None:
+        """The slow path of a send that came back short: the rest by `deadline`, each retry
+        bounded by the time left (the kernel's timeout, set for it and restored after)."""
+        try:
+            while view:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("send timed out")
+                self._kernel_timeouts(left, socket.SO_SNDTIMEO)
+                view = view[self.sock.send(view):]
+        finally:
+            view = None  # no view of the sender's window may outlive the call
+            self._kernel_timeouts(self.timeout, socket.SO_SNDTIMEO)
 
     def recv_exactly(self, view: memoryview, what: str) -> None:
         recv_into = self.sock.recv_into
@@ -176,35 +148,31 @@ class Conn:
 
     # --- trio side
 
-    def error(self, exc: BaseException, stage: str) -> E.MultifdError:
+    def error(self, exc: BaseException, stage: Stage) -> E.MultifdError:
         """Translate a foreign exception raised on this connection into our type."""
         if isinstance(exc, E.MultifdError):
-            exc.side = exc.side or self.side
+            exc.side = exc.side or self.side.name
             exc.channel = exc.channel or self.label
             exc.stage = exc.stage or stage
             return exc
-        if isinstance(exc, InjectedFault):
-            return E.TransportError(exc.strerror or str(exc), side=self.side,
-                                    channel=self.label, stage=stage)
+        where = dict(side=self.side.name, channel=self.label, stage=stage)
         if isinstance(exc, ssl.SSLError):
             # A stream cut short is what a failing peer leaves behind: its reason may follow.
-            return E.TlsError(self.explain_tls(exc, stage), side=self.side, channel=self.label,
-                              stage=stage, peer_may_explain=isinstance(exc, ssl.SSLEOFError))
+            return E.TlsError(self.explain_tls(exc, stage),
+                              peer_may_explain=isinstance(exc, ssl.SSLEOFError), **where)
         if isinstance(exc, (TimeoutError, BlockingIOError)):
-            return E.PeerTimeout(f"peer silent for {self.timeout:g}s", side=self.side,
-                                 channel=self.label, stage=stage)
+            return E.PeerTimeout(f"peer silent for {self.timeout:g}s", **where)
         if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
-            return E.PeerClosed(f"connection lost ({exc.strerror or exc})", side=self.side,
-                                channel=self.label, stage=stage)
-        return E.TransportError(f"{exc.strerror or exc}" if isinstance(exc, OSError) else repr(exc),
-                                side=self.side, channel=self.label, stage=stage)
+            return E.PeerClosed(f"connection lost ({exc.strerror or exc})", **where)
+        return E.TransportError(f"{exc.strerror or exc}" if isinstance(exc, OSError) else
+                                repr(exc), **where)
 
-    async def run(self, stage: str, fn, *args):
+    async def run(self, stage: Stage, fn, *args):
         """Run fn(*args) in a worker thread; cancellation shuts the socket down."""
         if self._busy:
             raise E.LocalProtocolError(f"{self.label}: two operations at once on one connection")
         self._busy = True
-        interrupted = None  # when the guard shut the socket down (errors.next_seq)
+        interrupted = None  # when the guard shut the socket down (an errors.stamp)
         finished = False
 
         async def guard() -> None:
@@ -213,7 +181,7 @@ class Conn:
                 await trio.sleep_forever()
             finally:
                 if not finished:
-                    interrupted = E.next_seq()
+                    interrupted = E.now()
                     self.shutdown()
 
         try:
@@ -222,15 +190,15 @@ class Conn:
                     nursery.start_soon(guard)
                     try:
                         return await trio.to_thread.run_sync(
-                            _stamped, fn, *args, limiter=trio.CapacityLimiter(1))
+                            stamped_call, fn, *args, limiter=trio.CapacityLimiter(1))
                     except Exception as exc:
-                        if interrupted is not None and not _before(exc, interrupted):
+                        if interrupted is not None and caused_by_shutdown(exc, interrupted):
                             # The failure is the shutdown we caused: report the cancellation.
                             await trio.lowlevel.checkpoint()
                         err = self.error(exc, stage)
                         # Ordered by when it happened in the thread, not by when trio got to
                         # translating it: the cause must come before its consequences.
-                        err.seq = min(err.seq, getattr(exc, "multifd_seq", err.seq))
+                        inherit_stamp(err, exc)
                         raise err from (None if isinstance(exc, E.MultifdError) else exc)
                     finally:
                         finished = True
@@ -238,7 +206,7 @@ class Conn:
         finally:
             self._busy = False
 
-    def explain_tls(self, exc: ssl.SSLError, stage: str) -> str:
+    def explain_tls(self, exc: ssl.SSLError, stage: Stage) -> str:
         return str(exc)
 
     async def wait_readable(self) -> None:
@@ -263,7 +231,7 @@ class Conn:
     def send_close(self) -> None:
         """The sending half of close_stream()."""
 
-    async def end_stream(self, stage: str) -> None:
+    async def end_stream(self, stage: Stage) -> None:
         if self.tls:
             await self.run(stage, self.close_stream)
 
@@ -289,7 +257,7 @@ class TlsConn(Conn):
     tls = True
     COALESCE = 64 << 10  # parts smaller than this share one TLS record with their neighbours
 
-    def __init__(self, sock: ssl.SSLSocket, label: str, *, side: str, timeout: float,
+    def __init__(self, sock: ssl.SSLSocket, label: str, *, side: Side, timeout: float,
                  peer_name: str, hostname: str | None = None, hint: str = "") -> None:
         self.peer_name = peer_name  # "the receiver" / "the sender", for error lines
         self.hostname = hostname
@@ -309,16 +277,6 @@ class TlsConn(Conn):
             await trio.lowlevel.checkpoint()
             return
         await super().wait_readable()
-
-    def abort_handshake(self) -> None:
-        """Send the first handshake flight, then cut the connection (a fault for tests)."""
-        self.sock.setblocking(False)
-        try:
-            self.sock.do_handshake()
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            pass
-        self.raw.close()
-        raise InjectedFault(errno.ECONNRESET, "TLS handshake aborted by an injected fault")
 
     def peer_common_name(self) -> str | None:
         return tls.common_name(self.sock.getpeercert())
@@ -388,17 +346,16 @@ class TlsConn(Conn):
         while time.monotonic() < deadline and socket.socket.recv(self.raw, 1 << 16):
             pass
 
-    def error(self, exc: BaseException, stage: str) -> E.MultifdError:
-        if stage == "tls" and isinstance(exc, (ConnectionError, ssl.SSLEOFError)) and \
-                not isinstance(exc, InjectedFault):
+    def error(self, exc: BaseException, stage: Stage) -> E.MultifdError:
+        if stage is Stage.TLS and isinstance(exc, (ConnectionError, ssl.SSLEOFError)):
             # What a receiver without TLS does with our ClientHello: not its protocol. (A
             # sender without TLS is recognised by its hello before any handshake.)
             hint = " (does it use --tls?)" if self.peer_name == "the receiver" else ""
             return E.TlsError(f"{self.peer_name} closed the connection during the TLS "
-                              f"handshake{hint}", side=self.side, channel=self.label,
+                              f"handshake{hint}", side=self.side.name, channel=self.label,
                               stage=stage)
         return super().error(exc, stage)
 
-    def explain_tls(self, exc: ssl.SSLError, stage: str) -> str:
+    def explain_tls(self, exc: ssl.SSLError, stage: Stage) -> str:
         return tls.explain(exc, peer=self.peer_name, name=self.hostname, stage=stage,
-                           hint=self.hint, side=self.side) or str(exc)
+                           hint=self.hint, side=self.side.name) or str(exc)

@@ -14,10 +14,14 @@ import trio
 
 from . import errors as E
 from . import wire
-from .conn import Conn, first_error
+from .conn import Conn
+from .errors import Stage, first_error
 
-# How long a side waits for its peer's reason after a broken channel.
+# After the first failure a side waits at most EXPLAIN_GRACE for the peer's reason (only when
+# its own error says no more than "the peer went away"), then at most TELL_GRACE to send its
+# own: a side whose peer fell silent ends within TELL_GRACE of its timeout.
 EXPLAIN_GRACE = 2.0
+TELL_GRACE = 0.5
 
 # Why this run is being cancelled, for the peer's benefit (set by whoever cancels it, e.g. the
 # SIGTERM watcher): a task that only sees trio.Cancelled cannot know.
@@ -36,26 +40,27 @@ def _recv_message(conn: Conn) -> wire.ControlMessage:
     return msg
 
 
-async def send(conn: Conn, stage: str, msg: wire.ControlMessage) -> None:
+async def send(conn: Conn, stage: Stage, msg: wire.ControlMessage) -> None:
     await conn.run(stage, conn.send_all, wire.encode_control(msg))
 
 
-async def receive(conn: Conn, stage: str, expected: type | None, peer: str):
+async def receive(conn: Conn, stage: Stage, expected: type | None):
     """The next message, which must be `expected` (None: no message may come); a peer's ERROR
     becomes PeerError.
 
     WORKING may come only before DONE: each one restarts the idle timeout there. Anywhere
     else it is a protocol error, so a peer cannot use it to defeat the timeout."""
+    peer = conn.side.peer
     while (isinstance(msg := await conn.run(stage, _recv_message, conn), wire.Working)
            and expected is wire.Done):
         pass
     if isinstance(msg, wire.ErrorMessage):
-        raise E.PeerError(f"{peer} failed: {_printable(msg.text)}", side=conn.side,
+        raise E.PeerError(f"{peer} failed: {_printable(msg.text)}", side=conn.side.name,
                           stage=stage)
     if expected is None or not isinstance(msg, expected):
         raise E.RemoteProtocolError(
             f"got {type(msg).__name__} (expected "
-            f"{expected.__name__ if expected else 'nothing yet'})", side=conn.side,
+            f"{expected.__name__ if expected else 'nothing yet'})", side=conn.side.name,
             channel=conn.label, stage=stage)
     return msg
 
@@ -67,7 +72,7 @@ class Heard:
 
 
 @asynccontextmanager
-async def heeding(conn: Conn, stage: str, expected: type | None, peer: str):
+async def heeding(conn: Conn, stage: Stage, expected: type | None):
     """Heed the control channel while the body runs, when the peer has nothing to say on it
     yet but its reason for giving up (or, a moment early, `expected`).
 
@@ -80,7 +85,7 @@ async def heeding(conn: Conn, stage: str, expected: type | None, peer: str):
     failure = None
     try:
         async with trio.open_nursery() as nursery:
-            waiting = await nursery.start(_heed, conn, stage, expected, peer, heard)
+            waiting = await nursery.start(_heed, conn, stage, expected, heard)
             try:
                 yield heard
             except BaseException as exc:
@@ -96,7 +101,7 @@ async def heeding(conn: Conn, stage: str, expected: type | None, peer: str):
         raise failure
 
 
-async def _heed(conn: Conn, stage: str, expected: type | None, peer: str, heard: Heard,
+async def _heed(conn: Conn, stage: Stage, expected: type | None, heard: Heard,
                 task_status=trio.TASK_STATUS_IGNORED) -> None:
     with trio.CancelScope() as waiting:
         task_status.started(waiting)
@@ -104,10 +109,11 @@ async def _heed(conn: Conn, stage: str, expected: type | None, peer: str, heard:
     if waiting.cancelled_caught:
         return
     with trio.move_on_after(EXPLAIN_GRACE):
-        heard.message = await receive(conn, stage, expected, peer)
+        heard.message = await receive(conn, stage, expected)
         return
-    raise E.PeerTimeout(f"{peer} began a control message and did not finish it within "
-                        f"{EXPLAIN_GRACE:g}s", side=conn.side, channel=conn.label, stage=stage)
+    raise E.PeerTimeout(f"{conn.side.peer} began a control message and did not finish it "
+                        f"within {EXPLAIN_GRACE:g}s", side=conn.side.name, channel=conn.label,
+                        stage=stage)
 
 
 def error_code(err: BaseException) -> wire.ErrorCode:
@@ -124,45 +130,60 @@ def error_code(err: BaseException) -> wire.ErrorCode:
     return wire.ErrorCode.FAILED
 
 
-async def conclude_failure(conn: Conn | None, exc: BaseException, peer: str) -> BaseException:
+async def conclude_failure(conn: Conn | None, exc: BaseException) -> BaseException:
     """Exchange reasons with the peer after a failure; return the error to report.
 
     `exc` is what the migration raised, possibly a group: its first error is the cause.
 
     If our error only says the peer went away or never came (`peer_may_explain`), the peer's
-    own explanation (if it sent one in time) is the better report. Otherwise we send ours, so the peer can say why. Runs shielded
-    and bounded: it is cleanup, and cleanup must neither hang nor be cut short by the
-    cancellation that brought us here.
+    own explanation (if it sent one in time) is the better report. Otherwise we send ours, so
+    the peer can say why. Runs shielded and bounded: it is cleanup, and cleanup must neither
+    hang nor be cut short by the cancellation that brought us here.
     """
-    err = first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
+    err = first_error(exc)
     if conn is None or isinstance(err, E.PeerError):
         return err
     with trio.CancelScope(shield=True):
-        if getattr(err, "peer_may_explain", False):
+        if isinstance(err, E.MultifdError) and err.peer_may_explain:
             # A socket timeout, not a cancel scope, bounds this read: cancelling would shut the
-            # socket down, and we may still need it to send our own reason.
+            # socket down, and we may still need it to send our own reason. The scope is only a
+            # backstop, for a peer that trickles its message byte by byte.
             conn.set_timeout(EXPLAIN_GRACE)
-            with trio.move_on_after(2 * EXPLAIN_GRACE):
+            with trio.move_on_after(EXPLAIN_GRACE + TELL_GRACE):
                 try:
-                    msg = await conn.run("explain", _recv_message, conn)
+                    msg = await conn.run(Stage.EXPLAIN, _recv_message, conn)
                 except (E.MultifdError, OSError):
                     msg = None
                 if isinstance(msg, wire.ErrorMessage):
-                    explained = E.PeerError(f"{peer} failed: {_printable(msg.text)}",
-                                            side=conn.side)
+                    explained = E.PeerError(f"{conn.side.peer} failed: {_printable(msg.text)}",
+                                            side=conn.side.name)
                     explained.__cause__ = err
                     return explained
         await tell_peer(conn, err)
     return err
 
 
+@asynccontextmanager
+async def concluding(control_channel):
+    """Run the body; if it fails, conclude_failure() on the control channel and raise the
+    error that makes the report. `control_channel()` gives the channel as it is when the
+    failure comes (the receiver's may not exist yet: then there is nobody to tell)."""
+    try:
+        yield
+    except BaseException as exc:
+        reported = await conclude_failure(control_channel(), exc)
+        if reported is exc:
+            raise
+        raise reported from None
+
+
 async def tell_peer(conn: Conn, err: BaseException) -> None:
     """Send our reason on the control channel: best effort, shielded, bounded."""
     text = (str(err) if isinstance(err, E.MultifdError) else
             "interrupted" if isinstance(err, KeyboardInterrupt) else cancel_reason.get())
-    with trio.CancelScope(shield=True), trio.move_on_after(EXPLAIN_GRACE):
+    with trio.CancelScope(shield=True), trio.move_on_after(TELL_GRACE):
         try:
-            await conn.run("explain", conn.send_all,
+            await conn.run(Stage.EXPLAIN, conn.send_all,
                            wire.encode_control(wire.ErrorMessage(error_code(err), text)))
         except (E.MultifdError, OSError):
             pass

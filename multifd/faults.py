@@ -1,9 +1,11 @@
 """Fault injection: break any channel at any stage, on purpose, to watch it fail cleanly.
 
-A fault plan is data: a list of Fault(action, where, params) parsed from `--fault SPEC`
-flags. The transport consults the plan only at a few explicit seams (connecting, the TLS
-handshake, the hello, each packet, the socket under an established channel, the output file's
-writes, and the named phases); with no --fault the plan is empty and every seam is a no-op.
+Faults are data: Fault(action, where, params) records parsed from `--fault SPEC` flags, held
+by one Faults object per side. The transport reaches that object through its side
+(`Side.faults`, also `conn.side.faults`) and calls one seam where it does the thing the seam
+names: connecting, the TLS handshake, the hello, each packet, the socket under an
+established channel, the output file's writes, and the named phases. With no --fault every
+seam hands back what it was given.
 
     SPEC  := ACTION [ "@" WHERE ] [ ":" KEY "=" VALUE { "," KEY "=" VALUE } ]
     WHERE := N (data channel N) | "control" | "all"          (default: all)
@@ -11,7 +13,7 @@ writes, and the named phases); with no --fault the plan is empty and every seam 
 Actions, the side that takes them, and their parameters:
 
     refuse            both  the channel's connection is refused (receiver: closed at its hello)
-    delay             both  the channel's connection waits seconds=S (default 5) first
+    delay             both  the channel's connection waits seconds=DURATION (default 5) first
     tls-stall         both  the channel never completes its TLS handshake
     tls-abort         both  the channel's connection is closed in the middle of its handshake
     bad-magic, bad-version, bad-session, bad-channel, dup-channel
@@ -22,26 +24,34 @@ Actions, the side that takes them, and their parameters:
     reset             both  the connection is reset (TCP RST) after after=SIZE bytes (default 0)
     stall             both  the channel stops after after=SIZE bytes: the sender stops sending,
                             the receiver stops reading; the connection stays open
-    crash             both  the process ends at once (os._exit(99)) at phase=setup|sync|completion
-                            or at round=R (its first packet); with @N, on that channel's sync/round
+    crash             both  the process ends at once (os._exit(99)): phase=setup|completion
+                            (the whole process, no @), or on a data channel (@N, or the first
+                            that gets there) at phase=sync or round=R (before its first packet)
     full-disk         recv  writes to the output fail with ENOSPC after after=SIZE bytes
 
-SIZE takes the suffixes K, M, G (powers of 1000) and KiB, MiB, GiB. A malformed SPEC is a usage
-error naming what is wrong.
+SIZE and DURATION are written as everywhere in multifd (units.py: 1M = 1MiB = 2**20, 1MB =
+10**6; 300ms, 2.5s). A SPEC that is malformed, or that names a fault that could never
+strike (a crash in a round this sender never sends, a per-channel crash at a per-process
+phase), is a usage error naming what is wrong.
 """
 
 from __future__ import annotations
 
+import enum
 import errno
 import os
-import re
 import select
 import socket
+import ssl
 import struct
 from dataclasses import dataclass, field
 
+import trio
+
 from . import errors as E
+from . import units
 from . import wire
+from .errors import Stage
 
 CRASH_EXIT = 99
 ACTIONS = {
@@ -63,16 +73,10 @@ ACTIONS = {
     "full-disk": ("recv", ("after",)),
 }
 PHASES = ("setup", "sync", "completion")
+PROCESS_PHASES = ("setup", "completion")
+# The sender sends one round (0) for now: a crash in a later round could never strike.
+ROUNDS = 1
 HELLO_FAULTS = ("bad-magic", "bad-version", "bad-session", "bad-channel", "dup-channel")
-_SIZE = re.compile(r"^(\d+)\s*([kmg]?)(i?)(b?)$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    m = _SIZE.match(text.strip())
-    if not m or (m.group(3) and not m.group(2)):
-        raise ValueError(f"{text!r} is not a size (e.g. 4096, 64MiB, 1G)")
-    power = " KMG".index(m.group(2).upper()) if m.group(2) else 0
-    return int(m.group(1)) * (1024 if m.group(3) else 1000) ** power
 
 
 @dataclass(frozen=True)
@@ -123,8 +127,8 @@ def parse(spec: str, side: str) -> Fault:
             params[key] = _value(key, value)
         except ValueError as exc:
             raise bad(str(exc)) from None
-    if action == "crash" and len(params) != 1:
-        raise bad("crash needs phase=setup|sync|completion or round=R")
+    if action == "crash":
+        _check_crash(params, where, bad)
     if action in HELLO_FAULTS + ("corrupt-header", "corrupt-payload") and where == "all":
         raise bad(f"{action} needs a channel (@N or @control)")
     if side == "recv" and action.startswith("tls-") and where != "all":
@@ -133,15 +137,30 @@ def parse(spec: str, side: str) -> Fault:
     return Fault(action, where, params)
 
 
+def _check_crash(params: dict, where: str, bad) -> None:
+    """Refuse the crashes that could never strike."""
+    if len(params) != 1:
+        raise bad("crash needs phase=setup|sync|completion or round=R")
+    phase = params.get("phase")
+    if phase in PROCESS_PHASES and where != "all":
+        raise bad(f"phase={phase} happens once per process, not per channel (leave out @)")
+    if phase is None and params["round"] >= ROUNDS:
+        raise bad(f"round={params['round']} never comes: the sender sends "
+                  f"{'one round (0)' if ROUNDS == 1 else f'rounds 0..{ROUNDS - 1}'}")
+    if phase not in PROCESS_PHASES and where == "control":
+        raise bad("the control channel has no rounds or syncs (name a data channel or "
+                  "leave out @)")
+
+
 def _value(key: str, value: str):
     if key == "after":
-        return parse_size(value)
+        return units.parse_size(value)
     if key in ("packet", "round"):
         if not value.isdigit():
             raise ValueError(f"{key}={value!r} is not a number")
         return int(value)
     if key == "seconds":
-        seconds = float(value)
+        seconds = units.parse_duration(value)
         if not 0 <= seconds <= 3600:
             raise ValueError(f"seconds={value!r} is not in 0..3600")
         return seconds
@@ -152,37 +171,55 @@ def _value(key: str, value: str):
     raise ValueError(f"unknown parameter {key!r}")
 
 
-class Plan:
-    """The faults of one process, queried at the seams. An empty plan changes nothing."""
+class Phase(enum.StrEnum):
+    """Named points of a migration where a crash fault can end the process."""
 
-    def __init__(self, faults=()) -> None:
-        self.faults = list(faults)
+    SETUP = "setup"  # once per process, when its channels are established
+    ROUND = "round"  # on a data channel, before the first packet of a round
+    SYNC = "sync"  # on a data channel, right after its SYNC went out (sender) or came in
+    COMPLETION = "completion"  # once per process, when the data is all there
 
-    def find(self, action: str, label: str | None = None) -> Fault | None:
+
+class Faults:
+    """One side's faults and the seams where they strike. An empty set changes nothing.
+
+    The transport calls each seam once, where it does the thing the seam names; with no
+    --fault every seam is a no-op that hands back what it was given."""
+
+    def __init__(self, faults=(), side: str = "send") -> None:
+        self.faults = tuple(faults)
+        self.side = side
+
+    def __bool__(self) -> bool:
+        return bool(self.faults)
+
+    def _find(self, actions, label: str | None = None) -> Fault | None:
         for fault in self.faults:
-            if fault.action == action and (label is None or fault.hits(label)):
+            if fault.action in actions and (label is None or fault.hits(label)):
                 return fault
         return None
 
-    # --- seams
+    # --- seams, in the order a channel meets them
 
-    def crash(self, phase: str, label: str | None = None, round: int | None = None) -> None:
-        """End the process here if a crash fault names this phase (or this round)."""
-        for fault in self.faults:
-            if fault.action != "crash":
-                continue
-            if label is not None and fault.where != "all" and not fault.hits(label):
-                continue
-            if label is None and fault.where != "all" and phase != "setup":
-                continue
-            if fault.params.get("phase") == phase or (
-                    round is not None and fault.params.get("round") == round):
-                os._exit(CRASH_EXIT)
+    async def connect(self, label: str) -> None:
+        """Before the channel connects (sender) or is admitted after its hello (receiver)."""
+        if self._find(("refuse",), label):
+            if self.side == "send":
+                raise ConnectionRefusedError(errno.ECONNREFUSED, "refused (injected fault)")
+            raise E.InjectedFault("refused (injected fault)")
+        if delay := self._find(("delay",), label):
+            await trio.sleep(delay.params.get("seconds", 5.0))
+
+    async def handshake(self, conn) -> None:
+        """Before the TLS handshake of `conn` (a TlsConn)."""
+        if self._find(("tls-stall",), conn.label):
+            await trio.sleep_forever()  # until the handshake deadline
+        if self._find(("tls-abort",), conn.label):
+            await conn.run(Stage.TLS, _abort_handshake, conn.sock)
 
     def hello_bytes(self, label: str, data: bytes) -> bytes:
-        """The hello as this plan has it sent: corrupted field by field."""
-        fault = next((f for f in self.faults if f.action in HELLO_FAULTS and f.hits(label)),
-                     None)
+        """The hello as it goes out: corrupted field by field."""
+        fault = self._find(HELLO_FAULTS, label)
         if fault is None:
             return data
         b = bytearray(data)
@@ -199,8 +236,14 @@ class Plan:
             b[24:26] = ((channel + 1) % max(channels, 1)).to_bytes(2, "big")
         return bytes(b)
 
+    def socket(self, label: str, sock):
+        """The socket under an established channel, with its reset or stall, if any."""
+        fault = self._find(("reset", "stall"), label)
+        return sock if fault is None else TrippedSocket(sock, fault.action,
+                                                        fault.params.get("after", 0))
+
     def packet(self, label: str, seq: int, parts: list) -> list:
-        """The parts of packet `seq` as this plan has them sent."""
+        """The parts of packet `seq` as they go out."""
         for fault in self.faults:
             if fault.action in ("corrupt-header", "corrupt-payload") and fault.hits(label) \
                     and fault.params.get("packet", 0) == seq:
@@ -214,16 +257,9 @@ class Plan:
                     return [parts[0], bytes(payload), *parts[2:]]
         return parts
 
-    def wrap_socket(self, label: str, sock):
-        """The socket under an established channel, with its reset or stall, if any."""
-        for action in ("reset", "stall"):
-            fault = self.find(action, label)
-            if fault is not None:
-                return TrippedSocket(sock, action, fault.params.get("after", 0))
-        return sock
-
-    def wrap_pwrite(self, pwrite):
-        fault = self.find("full-disk")
+    def pwrite(self, pwrite):
+        """The output file's positioned write, failing with ENOSPC past its budget."""
+        fault = self._find(("full-disk",))
         if fault is None:
             return pwrite
         budget = [fault.params.get("after", 0)]
@@ -236,9 +272,28 @@ class Plan:
             return pwrite(fd, data, offset)
         return full_disk_pwrite
 
+    def phase(self, phase: Phase, label: str | None = None, round: int | None = None) -> None:
+        """End the process here if a crash fault names this phase (or round) and channel."""
+        for fault in self.faults:
+            if fault.action != "crash" or (label is not None and not fault.hits(label)):
+                continue
+            if fault.params.get("phase") == phase or (
+                    phase is Phase.ROUND and fault.params.get("round") == round):
+                os._exit(CRASH_EXIT)
 
-class InjectedFault(ConnectionResetError):
-    """A failure this side caused on purpose: its own error, not the peer's."""
+
+NO_FAULTS = Faults()
+
+
+def _abort_handshake(sock) -> None:
+    """Send the first TLS handshake flight, then cut the connection."""
+    sock.setblocking(False)
+    try:
+        sock.do_handshake()
+    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        pass
+    sock.close()
+    raise E.InjectedFault("TLS handshake aborted by an injected fault")
 
 
 class TrippedSocket:
@@ -266,8 +321,8 @@ class TrippedSocket:
         if allowed:
             return allowed
         if self._action == "reset":
-            fault = InjectedFault(errno.ECONNRESET, "connection reset by an injected fault")
-            fault.multifd_seq = E.next_seq()  # before the peer can react to the reset
+            # Created (and so stamped) before the peer can react to the reset.
+            fault = E.InjectedFault("connection reset by an injected fault")
             # Linger 0: close() sends a RST instead of a FIN.
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self._sock.close()
@@ -279,6 +334,11 @@ class TrippedSocket:
         while not poller.poll(1000):
             pass
         raise ConnectionResetError(errno.ECONNRESET, "a stalled channel was ended")
+
+    def send(self, data) -> int:
+        view = memoryview(data).cast("B")
+        n = self._trip(view.nbytes)
+        return self._sock.send(view[:n])
 
     def sendall(self, data) -> None:
         view = memoryview(data).cast("B")

@@ -13,7 +13,7 @@ from . import errors as E
 from . import wire
 from .conn import Conn
 from .digest import DigestSum, block_term, term_bytes
-from .faults import Plan
+from .errors import Stage
 from .image import OutputFile, SourceImage
 from .pages import PageScanner, zeros
 from .wire import PacketKind, RunKind
@@ -34,11 +34,46 @@ class Counters:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
+def totals(pumps) -> tuple[DigestSum, Counters]:
+    """The migration's digest and counts: the sum of every channel's."""
+    total, counters = DigestSum(), Counters()
+    for pump in pumps:
+        total.merge(pump.sum)
+        counters.merge(pump.counters)
+    return total, counters
+
+
+class ExactlyOnce:
+    """The arrival policy of a one-round migration: every block arrives exactly once.
+
+    Shared by every channel's thread: one byte per block, set (never incremented, so no two
+    threads race on a read-modify-write) when a block arrives. With the number of blocks
+    received it proves, at the end, that each block came exactly once: a duplicate cannot
+    stand in for a missing block.
+
+    It is the one place that knows the rule. A policy for live rounds keeps the same two
+    calls: arrived() also learns the round (a block may come again in a later round, and at
+    most once per round), and check() asks that the last round covered what was dirtied.
+    """
+
+    def __init__(self, nblocks: int) -> None:
+        self.nblocks = nblocks
+        self._seen = bytearray(nblocks)
+
+    def arrived(self, block: int, round: int) -> None:
+        self._seen[block] = 1
+
+    def check(self, blocks_received: int) -> None:
+        covered = self.nblocks - self._seen.count(0)
+        if blocks_received != self.nblocks or covered != self.nblocks:
+            raise E.VerificationError(
+                f"received {blocks_received} blocks covering {covered} of the {self.nblocks} "
+                f"blocks (expected each exactly once)", stage=Stage.VERIFY)
+
+
 class BlockSender:
-    def __init__(self, conn: Conn, source: SourceImage, session: wire.Session,
-                 faults: Plan = Plan()) -> None:
+    def __init__(self, conn: Conn, source: SourceImage, session: wire.Session) -> None:
         self.conn = conn
-        self.faults = faults
         self.source = source
         self.session = session
         self.scanner = PageScanner(session.page_size, session.block_bytes)
@@ -74,7 +109,7 @@ class BlockSender:
                 if hi - lo < n * page:  # the image's partial last page travels zero-padded
                     parts.append(bytes(n * page - (hi - lo)))
         try:
-            self.conn.send_parts(self.faults.packet(self.conn.label, self.seq, parts))
+            self.conn.send_parts(self.conn.side.faults.packet(self.conn.label, self.seq, parts))
         finally:
             parts.clear()  # release the window's views before it is unmapped, failure or not
         self.seq += 1
@@ -100,81 +135,98 @@ class BlockSender:
 class BlockReceiver:
     """One data channel's receiving end.
 
-    `seen` is shared by every channel of the migration: one byte per block, set (never
-    incremented, so no two threads race on a read-modify-write) when a block arrives. With
-    the block count it proves every block arrived exactly once (1 byte per block).
+    Each packet goes through the same steps: header (numbered, of this round), run table,
+    payload into the reused block buffer, digest term checked, the arrival told to the
+    policy, the data runs written out, the counts kept.
     """
 
     def __init__(self, conn: Conn, session: wire.Session, output: OutputFile | None,
-                 seen: bytearray, channel: int = 0) -> None:
+                 arrivals: ExactlyOnce, channel: int = 0) -> None:
         self.conn = conn
         self.channel = channel
         self.session = session
         self.output = output
+        self.arrivals = arrivals
         self.buf = bytearray(session.block_bytes)
         self.view = memoryview(self.buf)
         self.zeros = memoryview(zeros(session.block_bytes))
         self.head = bytearray(wire.PACKET.size)
-        self.runs = bytearray(wire.RUN.size * session.block_pages)
-        self.seen = seen
+        self.head_view = memoryview(self.head)
+        self.runs_view = memoryview(bytearray(wire.RUN.size * session.block_pages))
         self.seq = 0
         self.sum = DigestSum()
         self.counters = Counters()
 
     def receive_round(self, round: int) -> wire.PacketHeader:
         """Receive packets of `round` until its SYNC or the channel's END; return that marker."""
-        s = self.session
-        page = s.page_size
-        conn = self.conn
-        head_view = memoryview(self.head)
-        runs_view = memoryview(self.runs)
         while True:
-            conn.recv_exactly(head_view, "a packet header")
-            h = wire.decode_packet_header(self.head, s)
-            if h.seq != self.seq:
-                raise E.RemoteProtocolError(f"packet number {h.seq} (expected {self.seq})")
-            if h.round != round:
-                raise E.RemoteProtocolError(f"packet {h.seq} is for round {h.round} "
-                                            f"(expected round {round})")
-            self.seq += 1
+            h = self._header(round)
             if h.kind is PacketKind.END:
-                conn.close_stream()
+                self.conn.close_stream()
             if h.kind is not PacketKind.PAGES:
                 return h
-            if h.flags != _FULL:
-                raise E.RemoteProtocolError(
-                    f"packet {h.seq}: flags 0x{h.flags:02x} (this receiver takes full blocks "
-                    f"with digests, 0x{_FULL:02x})")
-            conn.recv_exactly(runs_view[:h.runs_len], "a run table")
-            runs = wire.decode_runs(runs_view[:h.runs_len], h, s)
-            block = h.offset // s.block_bytes
-            length = s.block_len(block)
-            zero = 0
-            for start, n, kind in runs:
-                part = self.view[start * page:(start + n) * page]
-                if kind == RunKind.DATA:
-                    conn.recv_exactly(part, "packet payload")
-                else:
-                    part[:] = self.zeros[:n * page]
-                    zero += n
-            term = block_term(self.view[:length], block)
-            if term_bytes(term) != h.digest:
-                raise E.ChecksumMismatch(
-                    f"packet {h.seq} (offset {h.offset}): checksum {term:032x} "
-                    f"(expected {h.digest.hex()})")
-            self.sum.add(term)
-            self.seen[block] = 1
-            if self.output is not None:
-                for start, n, kind in runs:
-                    if kind == RunKind.DATA:
-                        lo = start * page
-                        self.output.write(self.view[lo:min((start + n) * page, length)],
-                                          h.offset + lo)
-            c = self.counters
-            c.packets += 1
-            c.blocks += 1
-            npages = -(-length // page)
-            c.pages += npages
-            c.zero_pages += zero
-            c.payload_bytes += h.payload_len
-            c.image_bytes += length
+            runs = self._runs(h)
+            block, length, zero = self._payload(h, runs)
+            self._check_digest(h, block, length)
+            self.arrivals.arrived(block, round)
+            self._write(h, runs, length)
+            self._count(h, length, zero)
+
+    def _header(self, round: int) -> wire.PacketHeader:
+        self.conn.recv_exactly(self.head_view, "a packet header")
+        h = wire.decode_packet_header(self.head, self.session)
+        if h.seq != self.seq:
+            raise E.RemoteProtocolError(f"packet number {h.seq} (expected {self.seq})")
+        if h.round != round:
+            raise E.RemoteProtocolError(f"packet {h.seq} is for round {h.round} "
+                                        f"(expected round {round})")
+        if h.kind is PacketKind.PAGES and h.flags != _FULL:
+            raise E.RemoteProtocolError(
+                f"packet {h.seq}: flags 0x{h.flags:02x} (this receiver takes full blocks "
+                f"with digests, 0x{_FULL:02x})")
+        self.seq += 1
+        return h
+
+    def _runs(self, h: wire.PacketHeader):
+        table = self.runs_view[:h.runs_len]
+        self.conn.recv_exactly(table, "a run table")
+        return wire.decode_runs(table, h, self.session)
+
+    def _payload(self, h: wire.PacketHeader, runs) -> tuple[int, int, int]:
+        """The block's bytes into the buffer; returns (block, its length, zero pages)."""
+        page = self.session.page_size
+        block = h.offset // self.session.block_bytes
+        zero = 0
+        for start, n, kind in runs:
+            part = self.view[start * page:(start + n) * page]
+            if kind == RunKind.DATA:
+                self.conn.recv_exactly(part, "packet payload")
+            else:
+                part[:] = self.zeros[:n * page]
+                zero += n
+        return block, self.session.block_len(block), zero
+
+    def _check_digest(self, h: wire.PacketHeader, block: int, length: int) -> None:
+        term = block_term(self.view[:length], block)
+        if term_bytes(term) != h.digest:
+            raise E.ChecksumMismatch(f"packet {h.seq} (offset {h.offset}): checksum "
+                                     f"{term:032x} (expected {h.digest.hex()})")
+        self.sum.add(term)
+
+    def _write(self, h: wire.PacketHeader, runs, length: int) -> None:
+        if self.output is None:
+            return
+        page = self.session.page_size
+        for start, n, kind in runs:
+            if kind == RunKind.DATA:
+                lo = start * page
+                self.output.write(self.view[lo:min((start + n) * page, length)], h.offset + lo)
+
+    def _count(self, h: wire.PacketHeader, length: int, zero: int) -> None:
+        c = self.counters
+        c.packets += 1
+        c.blocks += 1
+        c.pages += -(-length // self.session.page_size)
+        c.zero_pages += zero
+        c.payload_bytes += h.payload_len
+        c.image_bytes += length

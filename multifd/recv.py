@@ -27,17 +27,17 @@ from . import control
 from . import errors as E
 from . import wire
 from .address import format_address
-from .conn import collapse_group
-from .digest import DigestSum
-from .faults import Plan
+from .conn import Conn
+from .errors import Stage, collapse_group
+from .faults import NO_FAULTS, Faults, Phase
 from .image import OutputFile
-from .pump import BlockReceiver, Counters
-from .registry import open_registry, wait_for_channels
-from .report import Report
+from .pump import BlockReceiver, ExactlyOnce, totals
+from .registry import Registry, open_registry, wait_for_channels
+from .report import Report, reporting_progress
 from .settings import Timeouts
+from .side import Side
 from .tls import ServerTls
 
-SIDE = "receiver"
 # The sender's idle timeout is its own: WORKING comes often enough for any sane one (>= 1 s).
 KEEPALIVE = 0.4
 
@@ -86,29 +86,49 @@ class RoundBarrier:
         return round in self._released and self._released[round].is_set()
 
 
-async def _receive_channel(receiver: BlockReceiver, barrier: RoundBarrier,
-                           timeouts: Timeouts, faults: Plan) -> int:
+async def _receive_channel(receiver: BlockReceiver, barrier: RoundBarrier) -> int:
     """Run one data channel to its END; return the number of rounds it carried."""
     conn = receiver.conn
+    side = conn.side
     round = 0
     while True:
-        faults.crash("round", conn.label, round=round)
-        marker = await conn.run("data", receiver.receive_round, round)
+        side.faults.phase(Phase.ROUND, conn.label, round=round)
+        marker = await conn.run(Stage.DATA, receiver.receive_round, round)
         if marker.kind is wire.PacketKind.END:
             return round
-        faults.crash("sync", conn.label)
-        with trio.move_on_after(timeouts.idle):
+        side.faults.phase(Phase.SYNC, conn.label)
+        with trio.move_on_after(side.timeouts.idle):
             await barrier.sync(round, receiver.channel)
         if not barrier.released(round):
             missing = barrier.missing(round)
             raise E.PeerTimeout(f"data channel{'s' if len(missing) > 1 else ''} "
                                 f"{', '.join(map(str, missing))} did not finish round {round} "
-                                f"within {timeouts.idle:g}s", side=SIDE, channel=conn.label,
-                                stage="sync")
+                                f"within {side.timeouts.idle:g}s", side=side.name,
+                                channel=conn.label, stage=Stage.SYNC)
         round += 1
 
 
-async def _sync(ctl, output: OutputFile, timeouts: Timeouts) -> None:
+async def _receive_rounds(ctl: Conn, receivers: list[BlockReceiver]) -> tuple[set[int],
+                                                                             wire.Complete]:
+    """Every channel to its END, the control channel heeded meanwhile; then COMPLETE.
+
+    Returns the round counts the channels ended with, and the sender's COMPLETE."""
+    barrier = RoundBarrier(len(receivers))
+    rounds: set[int] = set()
+
+    async def run_channel(receiver: BlockReceiver) -> None:
+        rounds.add(await _receive_channel(receiver, barrier))
+
+    # A sender that fails says why there, even while its data channels hang; one that is done
+    # sends COMPLETE, possibly before we have read all it sent.
+    async with control.heeding(ctl, Stage.DATA, wire.Complete) as heard:
+        async with trio.open_nursery() as channels:
+            for receiver in receivers:
+                channels.start_soon(run_channel, receiver)
+    return rounds, heard.message or await control.receive(ctl, Stage.FINISH, wire.Complete)
+
+
+async def _sync(ctl: Conn, output: OutputFile) -> None:
     """fsync the output, telling the sender every KEEPALIVE seconds that we are still at it.
 
     The keepalive task is never cancelled in the middle of a send (that would shut the
@@ -122,7 +142,7 @@ async def _sync(ctl, output: OutputFile, timeouts: Timeouts) -> None:
                 await committed.wait()
             if committed.is_set():
                 return
-            await control.send(ctl, "finish", wire.Working())
+            await control.send(ctl, Stage.FINISH, wire.Working())
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(keepalive)
@@ -132,17 +152,17 @@ async def _sync(ctl, output: OutputFile, timeouts: Timeouts) -> None:
             committed.set()
 
 
-def _verify(session: wire.Session, complete: wire.Complete, counters: Counters,
-            total: DigestSum, rounds: set[int], seen: bytearray) -> None:
+def _verify(session: wire.Session, complete: wire.Complete, receivers: list[BlockReceiver],
+            arrivals: ExactlyOnce, rounds: set[int]):
+    """What the channels delivered against what the sender announced; returns the totals."""
     def fail(message: str) -> None:
-        raise E.VerificationError(message, side=SIDE, stage="verify")
+        raise E.VerificationError(message, side="receiver", stage=Stage.VERIFY)
 
+    total, counters = totals(receivers)
     if complete.rounds < 1 or rounds != {complete.rounds}:
         fail(f"channels ended after rounds {sorted(rounds)} (sender says {complete.rounds}; "
              f"expected at least 1)")
-    if counters.blocks != session.nblocks or seen.count(0):
-        fail(f"received {counters.blocks} blocks covering {session.nblocks - seen.count(0)} "
-             f"of the {session.nblocks} blocks (expected each exactly once)")
+    arrivals.check(counters.blocks)
     for name, got, announced in (("packets", counters.packets, complete.packets),
                                  ("pages", counters.pages, complete.pages),
                                  ("zero pages", counters.zero_pages, complete.zero_pages)):
@@ -150,85 +170,59 @@ def _verify(session: wire.Session, complete: wire.Complete, counters: Counters,
             fail(f"received {got} {name} (sender announced {announced})")
     if total.digest() != complete.digest:
         fail(f"image digest {total.hexdigest()} (sender announced {complete.digest.hex()})")
+    return total, counters
 
 
-async def _migrate(registry, session: wire.Session | None, output_path: str | None,
-                   timeouts: Timeouts, faults: Plan, on_progress, on_complete) -> Report:
+async def _migrate(registry: Registry, session: wire.Session | None, output_path: str | None,
+                   side: Side, on_progress, on_complete) -> Report:
     ctl = registry.control
     started = trio.current_time()
-    faults.crash("setup")
+    side.faults.phase(Phase.SETUP)
     if session is None:
-        session = await control.receive(ctl, "setup", wire.Session, "sender")
+        session = await control.receive(ctl, Stage.SETUP, wire.Session)
     output = OutputFile(output_path, session.image_size,
-                        faults.wrap_pwrite(os.pwrite)) if output_path else None
+                        side.faults.pwrite(os.pwrite)) if output_path else None
     with output if output is not None else nullcontext():
-        seen = bytearray(session.nblocks)
-        receivers = [BlockReceiver(registry.data[i], session, output, seen, channel=i)
+        arrivals = ExactlyOnce(session.nblocks)
+        receivers = [BlockReceiver(registry.data[i], session, output, arrivals, channel=i)
                      for i in range(registry.channels)]
-        await control.send(ctl, "setup", wire.Ready())
-        barrier = RoundBarrier(len(receivers))
-        rounds: set[int] = set()
-
-        async def run_channel(receiver: BlockReceiver) -> None:
-            rounds.add(await _receive_channel(receiver, barrier, timeouts, faults))
-
-        async with trio.open_nursery() as nursery:
-            if on_progress is not None:
-                nursery.start_soon(on_progress, lambda: sum(
-                    r.counters.image_bytes for r in receivers), session.image_size)
-            # A sender that fails says why there, even while its data channels hang; one that
-            # is done sends COMPLETE, possibly before we have read all it sent.
-            async with control.heeding(ctl, "data", wire.Complete, "sender") as heard:
-                async with trio.open_nursery() as channels:
-                    for receiver in receivers:
-                        channels.start_soon(run_channel, receiver)
-            nursery.cancel_scope.cancel()
-        complete = heard.message or await control.receive(ctl, "finish", wire.Complete,
-                                                          "sender")
-        total, counters = DigestSum(), Counters()
-        for r in receivers:
-            total.merge(r.sum)
-            counters.merge(r.counters)
-        _verify(session, complete, counters, total, rounds, seen)
-        faults.crash("completion")
+        await control.send(ctl, Stage.SETUP, wire.Ready())
+        async with reporting_progress(on_progress, receivers, session.image_size):
+            rounds, complete = await _receive_rounds(ctl, receivers)
+        total, counters = _verify(session, complete, receivers, arrivals, rounds)
+        side.faults.phase(Phase.COMPLETION)
         if output is not None:
-            await _sync(ctl, output, timeouts)
+            await _sync(ctl, output)
         # The point of no return: once the output is renamed into place the sender must hear
         # DONE, so a cancellation arriving now waits for both (each is bounded).
         with trio.CancelScope(shield=True):
             if output is not None:
                 output.publish()
-            await control.send(ctl, "finish", wire.Done(session.image_size, total.digest()))
-            report = Report(SIDE, ok=True, bytes=session.image_size,
-                            payload_bytes=counters.payload_bytes, pages=counters.pages,
-                            zero_pages=counters.zero_pages, packets=counters.packets,
-                            channels=registry.channels, seconds=trio.current_time() - started,
-                            digest=total.hexdigest(), output=output_path)
+            await control.send(ctl, Stage.FINISH, wire.Done(session.image_size, total.digest()))
+            report = Report.finished(side.name, counters, session.image_size, registry.channels,
+                                     trio.current_time() - started, total.hexdigest(),
+                                     output_path)
             if on_complete is not None:  # the outcome is decided: no later signal undoes it
                 on_complete(report)
         # Not shielded: the sender has DONE, and a signal or a failed TLS close now cannot
         # undo the outcome.
         with contextlib.suppress(E.MultifdError):
-            await ctl.end_stream("finish")
+            await ctl.end_stream(Stage.FINISH)
     return report
 
 
 async def receive_image(listeners: list[trio.SocketListener], output_path: str | None, *,
                         timeouts: Timeouts = Timeouts(), tls: ServerTls | None = None,
-                        faults: Plan = Plan(), log=print, on_progress=None,
+                        faults: Faults = NO_FAULTS, log=print, on_progress=None,
                         on_complete=None) -> Report:
     """Accept exactly one migration and write it to output_path (None: verify and discard).
 
     on_complete(report) is called the moment the outcome is decided (output renamed into
     place, DONE sent), before the cleanup that a late cancellation could still interrupt."""
+    side = Side("receiver", timeouts, tls, faults, log)
     with collapse_group():
-        async with open_registry(listeners, timeouts, log, tls, faults) as registry:
-            try:
-                session = await wait_for_channels(registry, timeouts)
-                return await _migrate(registry, session, output_path, timeouts, faults,
-                                      on_progress, on_complete)
-            except BaseException as exc:
-                reported = await control.conclude_failure(registry.control, exc, "sender")
-                if reported is exc:
-                    raise
-                raise reported from None
+        async with open_registry(listeners, side) as registry:
+            async with control.concluding(lambda: registry.control):
+                session = await wait_for_channels(registry, side)
+                return await _migrate(registry, session, output_path, side, on_progress,
+                                      on_complete)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import gc
 
-# Imports build hundreds of thousands of objects that live as long as the process; running
-# the collector over them while importing costs about a tenth of the startup. cli.run
-# freezes them and turns the collector back on.
-gc.disable()
+if __name__ == "__main__":  # python -m: a CLI process (launch.py says why)
+    gc.disable()
 
 import functools  # noqa: E402
 import sys
 
+from . import args as A
 from . import cli, tls
 from .address import format_address, parse_address
 from .image import check_output_path
@@ -20,8 +19,8 @@ from .recv import open_listeners, receive_image
 PROG = "multifd-recv"
 
 
-def build_parser() -> cli.Parser:
-    p = cli.Parser(prog=PROG, description="Accept exactly one migration from multifd-send, "
+def build_parser() -> A.Parser:
+    p = A.Parser(prog=PROG, description="Accept exactly one migration from multifd-send, "
                    "verify it, and write it to OUTPUT atomically.")
     p.add_argument("output", metavar="OUTPUT", nargs="?",
                    help="where the image goes (written beside it, renamed once verified)")
@@ -73,17 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     credentials = None if args.tls is None else cli.usage_guard(
         PROG, args.json, "receiver",
         functools.partial(tls.server_tls, args.tls, args.tls_allow_client))
-    faults = cli.fault_plan(PROG, args, "recv")
+    faults = cli.faults_from(PROG, args, "recv")
     completed: list = []
     return cli.run(PROG, "receiver",
                    functools.partial(_serve, host, port, args, credentials, faults, completed),
                    args.json, completed)
 
 
-def entry() -> None:
-    """The console script: main(), then a fast exit."""
-    cli.exit_now(main())
-
-
 if __name__ == "__main__":
-    entry()
+    from .launch import start
+    start(main)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 
 import trio
 
@@ -26,14 +26,13 @@ from . import tls as T
 from . import wire
 from .address import format_address
 from .conn import Conn, TlsConn
-from .faults import Plan
-from .settings import Timeouts
+from .errors import Stage
+from .side import Side
 
 # Connections that have not yet sent a complete hello, at once: more than a whole migration's
 # (64 data channels and the control channel arrive together), few enough to bound a flood.
 MAX_PENDING = 128
 TLS_DRAIN = 1.0  # how long a refused TLS peer gets to read our alert
-SIDE = "receiver"
 
 
 class Registry:
@@ -66,8 +65,17 @@ class Registry:
         self._claimed.add(self._key(hello))
         return S.OK
 
-    def release(self, hello: wire.Hello) -> None:
-        self._claimed.discard(self._key(hello))
+    @contextmanager
+    def claiming(self, hello: wire.Hello):
+        """Claim the hello's slot (yielding the status to answer with); an OK claim is given
+        back if the block fails before the connection is handed over."""
+        status = self.claim(hello)
+        try:
+            yield status
+        except BaseException:
+            if status is wire.HelloStatus.OK:
+                self._claimed.discard(self._key(hello))
+            raise
 
     def fill(self, hello: wire.Hello, conn: Conn) -> None:
         if hello.role is wire.Role.CONTROL:
@@ -126,100 +134,120 @@ def _server_handshake(conn: TlsConn) -> None:
     conn.handshake()
 
 
-def _accepted(sock: socket.socket, tls: T.ServerTls | None, timeouts: Timeouts) -> Conn:
-    if tls is None:
-        return Conn(sock, "connection", side=SIDE, timeout=timeouts.handshake)
-    secured = tls.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False,
-                                      suppress_ragged_eofs=False)
-    return TlsConn(secured, "connection", side=SIDE, timeout=timeouts.handshake,
-                   peer_name="the peer")
+def _accepted(sock: socket.socket, side: Side) -> Conn:
+    timeout = side.timeouts.handshake
+    if side.tls is None:
+        return Conn(sock, "connection", side=side, timeout=timeout)
+    secured = side.tls.context.wrap_socket(sock, server_side=True,
+                                           do_handshake_on_connect=False,
+                                           suppress_ragged_eofs=False)
+    return TlsConn(secured, "connection", side=side, timeout=timeout, peer_name="the peer")
+
+
+@contextmanager
+def _pending_slot(pending: trio.CapacityLimiter, sock: socket.socket):
+    """The slot the accept loop took for `sock`, given back when the block ends."""
+    try:
+        yield
+    finally:
+        pending.release_on_behalf_of(sock)
 
 
 async def _greet(sock: socket.socket, pending: trio.CapacityLimiter, registry: Registry,
-                 timeouts: Timeouts, log, tls: T.ServerTls | None = None,
-                 faults: Plan = Plan()) -> None:
-    """Read one hello (after the TLS handshake) and hand the connection to the registry, or
-    drop it as a stranger.
+                 side: Side) -> None:
+    """Hand one accepted connection to the registry, or drop it as a stranger.
 
-    The connection holds a `pending` slot until its hello is complete and, for a data
+    The steps, in order; reaching the end is being handed over, and any failure on the way
+    drops the connection (a stranger's failure is logged, never raised: the migration goes
+    on). The connection holds a `pending` slot until its hello is complete and, for a data
     channel, its session is known."""
     try:
-        conn = _accepted(sock, tls, timeouts)
+        conn = _accepted(sock, side)
     except (OSError, ValueError) as exc:  # gone before we could even set it up
-        log(f"dropped a connection: {exc}")
+        pending.release_on_behalf_of(sock)
+        side.log(f"dropped a connection: {exc}")
         sock.close()
-        pending.release_on_behalf_of(sock)
         return
-    where = format_address(*conn.peer[:2]) if conn.peer else "unknown peer"
-    handed_over = released = False
-    hello = None
     try:
-        # One deadline for the handshake and the whole hello, not one per byte: a peer that
-        # trickles bytes must not hold its slot for ever.
-        with trio.move_on_after(timeouts.handshake):
-            if tls is not None:
-                # Before the handshake no channel is known: TLS faults hit every connection.
-                if faults.find("tls-stall"):
-                    await trio.sleep_forever()  # until the handshake deadline
-                if faults.find("tls-abort"):
-                    await conn.run("tls", conn.abort_handshake)
-                await conn.run("tls", _server_handshake, conn)
-            hello = await conn.run("hello", _read_hello, conn)
-        if hello is None:
-            raise E.PeerTimeout(f"no {'TLS handshake and ' if tls else ''}complete hello "
-                                f"within {timeouts.handshake:g}s", stage="hello")
-        conn.label = hello.label()
-        if faults.find("refuse", conn.label):
-            raise E.TransportError("refused (injected fault)", stage="hello")
-        if delay := faults.find("delay", conn.label):
-            await trio.sleep(delay.params.get("seconds", 5.0))
-        if tls is not None and not tls.allows(identity := conn.peer_common_name()):
-            await conn.run("hello", conn.send_all,
-                           wire.encode_hello_reply(wire.HelloStatus.CLIENT_NOT_ALLOWED))
-            raise E.TlsError(f"client identity {identity!r} is not allowed "
-                             f"(--tls-allow-client)" if identity is not None else
-                             "the client certificate has no single common name to check "
-                             "against --tls-allow-client", stage="tls")
-        if isinstance(conn, TlsConn):
-            conn.peer_name = "the sender"
-        if hello.role is wire.Role.DATA and not registry.session_known.is_set():
-            # Still holding its pending slot: a flood of data hellos for sessions that never
-            # come is bounded like a flood of silent connections.
-            with trio.move_on_after(timeouts.handshake):
-                await registry.session_known.wait()
-            if not registry.session_known.is_set():
-                raise E.PeerTimeout(f"no control channel arrived within "
-                                    f"{timeouts.handshake:g}s", stage="hello")
-        pending.release_on_behalf_of(sock)
-        released = True
-        status = registry.claim(hello)
-        try:
-            await conn.run("hello", conn.send_all, wire.encode_hello_reply(status))
-        except BaseException:
-            if status is wire.HelloStatus.OK:
-                registry.release(hello)
+        with _pending_slot(pending, sock):
+            hello = await _read_greeting(conn, side)
+            await _admit(conn, hello, side)
+            await _await_session(registry, hello, side)
+        with registry.claiming(hello) as status:
+            await _reply(conn, status)
+            conn.establish(hello.label())
+            registry.fill(hello, conn)
+    except BaseException as exc:
+        await _drop(conn, exc, side)
+        if not isinstance(exc, E.MultifdError):
             raise
-        if status is not wire.HelloStatus.OK:
-            raise E.RemoteProtocolError(wire.HELLO_STATUS_TEXT[status], stage="hello")
-        conn.set_timeout(timeouts.idle)
-        conn.sock = faults.wrap_socket(conn.label, conn.sock)
-        registry.fill(hello, conn)
-        handed_over = True
-    except E.MultifdError as exc:
-        log(f"dropped {conn.label} from {where}: {exc.stage or 'hello'}: {exc.message}")
-        if isinstance(exc, E.TlsError) and isinstance(conn, TlsConn):
-            with contextlib.suppress(E.MultifdError, OSError):
-                await conn.run("tls", conn.drain, TLS_DRAIN)
+
+
+async def _read_greeting(conn: Conn, side: Side) -> wire.Hello:
+    """The TLS handshake (with TLS) and the whole hello, under one deadline: a peer that
+    trickles bytes must not hold its slot for ever."""
+    with trio.move_on_after(side.timeouts.handshake):
+        if side.tls is not None:
+            await side.faults.handshake(conn)
+            await conn.run(Stage.TLS, _server_handshake, conn)
+        hello = await conn.run(Stage.HELLO, _read_hello, conn)
+        conn.label = hello.label()
+        return hello
+    raise E.PeerTimeout(f"no {'TLS handshake and ' if side.tls else ''}complete hello "
+                        f"within {side.timeouts.handshake:g}s", stage=Stage.HELLO)
+
+
+async def _admit(conn: Conn, hello: wire.Hello, side: Side) -> None:
+    """Whether this peer may take part: the fault seam, then the TLS allow-list."""
+    await side.faults.connect(conn.label)
+    if not isinstance(conn, TlsConn):
+        return
+    if not side.tls.allows(identity := conn.peer_common_name()):
+        await conn.run(Stage.HELLO, conn.send_all,
+                       wire.encode_hello_reply(wire.HelloStatus.CLIENT_NOT_ALLOWED))
+        raise E.TlsError(f"client identity {identity!r} is not allowed "
+                         f"(--tls-allow-client)" if identity is not None else
+                         "the client certificate has no single common name to check "
+                         "against --tls-allow-client", stage=Stage.TLS)
+    conn.peer_name = "the sender"
+
+
+async def _await_session(registry: Registry, hello: wire.Hello, side: Side) -> None:
+    """A data channel that came before its control channel waits for it (bounded, and still
+    holding its pending slot: a flood of data hellos for sessions that never come is bounded
+    like a flood of silent connections)."""
+    if hello.role is wire.Role.CONTROL:
+        return
+    with trio.move_on_after(side.timeouts.handshake):
+        await registry.session_known.wait()
+        return
+    raise E.PeerTimeout(f"no control channel arrived within {side.timeouts.handshake:g}s",
+                        stage=Stage.HELLO)
+
+
+async def _reply(conn: Conn, status: wire.HelloStatus) -> None:
+    """The answer to a claimed hello: OK, or why not (and the connection is dropped)."""
+    await conn.run(Stage.HELLO, conn.send_all, wire.encode_hello_reply(status))
+    if status is not wire.HelloStatus.OK:
+        raise E.RemoteProtocolError(wire.HELLO_STATUS_TEXT[status], stage=Stage.HELLO)
+
+
+async def _drop(conn: Conn, exc: BaseException, side: Side) -> None:
+    """Close a connection that was not handed over, logging why if it failed on its own."""
+    try:
+        if isinstance(exc, E.MultifdError):
+            where = format_address(*conn.peer[:2]) if conn.peer else "unknown peer"
+            side.log(f"dropped {conn.label} from {where}: {exc.stage or 'hello'}: "
+                     f"{exc.message}")
+            if isinstance(exc, E.TlsError) and isinstance(conn, TlsConn):
+                with contextlib.suppress(E.MultifdError, OSError):
+                    await conn.run(Stage.TLS, conn.drain, TLS_DRAIN)
     finally:
-        if not released:
-            pending.release_on_behalf_of(sock)
-        if not handed_over:
-            conn.close()
+        conn.close()
 
 
-async def _accept_loop(listener: trio.SocketListener, registry: Registry, timeouts: Timeouts,
-                       log, nursery: trio.Nursery, tls: T.ServerTls | None,
-                       faults: Plan) -> None:
+async def _accept_loop(listener: trio.SocketListener, registry: Registry, side: Side,
+                       nursery: trio.Nursery) -> None:
     pending = trio.CapacityLimiter(MAX_PENDING)
     quiet_until = 0.0  # accept errors are logged at most once a second
     while True:
@@ -228,7 +256,7 @@ async def _accept_loop(listener: trio.SocketListener, registry: Registry, timeou
         except OSError as exc:
             # Out of descriptors or buffers: the migration in progress must not die of it.
             if trio.current_time() >= quiet_until:
-                log(f"cannot accept a connection: {exc.strerror or exc}; retrying")
+                side.log(f"cannot accept a connection: {exc.strerror or exc}; retrying")
                 quiet_until = trio.current_time() + 1.0
             await trio.sleep(0.1)
             continue
@@ -236,29 +264,28 @@ async def _accept_loop(listener: trio.SocketListener, registry: Registry, timeou
         try:
             pending.acquire_on_behalf_of_nowait(sock)
         except trio.WouldBlock:
-            log(f"dropped a connection: {MAX_PENDING} connections already waiting for a hello")
+            side.log(f"dropped a connection: {MAX_PENDING} connections already waiting for a "
+                     f"hello")
             sock.close()
             continue
-        nursery.start_soon(_greet, sock, pending, registry, timeouts, log, tls, faults)
+        nursery.start_soon(_greet, sock, pending, registry, side)
 
 
 @asynccontextmanager
-async def open_registry(listeners: list[trio.SocketListener], timeouts: Timeouts, log,
-                        tls: T.ServerTls | None = None, faults: Plan = Plan()):
+async def open_registry(listeners: list[trio.SocketListener], side: Side):
     """Serve the listeners in the background; yield the Registry; stop and close on exit."""
     registry = Registry()
     try:
         async with trio.open_nursery() as nursery:
             for listener in listeners:
-                nursery.start_soon(_accept_loop, listener, registry, timeouts, log, nursery,
-                                   tls, faults)
+                nursery.start_soon(_accept_loop, listener, registry, side, nursery)
             yield registry
             nursery.cancel_scope.cancel()
     finally:
         registry.close_all()
 
 
-async def wait_for_channels(registry: Registry, timeouts: Timeouts) -> wire.Session | None:
+async def wait_for_channels(registry: Registry, side: Side) -> wire.Session | None:
     """Wait for a migration to begin (unbounded), then for all its channels (bounded).
 
     Meanwhile the control channel is heeded: a sender that gives up during setup says why
@@ -266,16 +293,13 @@ async def wait_for_channels(registry: Registry, timeouts: Timeouts) -> wire.Sess
     may: the sender sends it once all its hellos were answered, which can be a moment before
     the last answered channel is registered here)."""
     await registry.session_known.wait()
-    heard = control.Heard()
-    with trio.move_on_after(timeouts.handshake):
-        async with control.heeding(registry.control, "setup", wire.Session, "sender") as heard:
+    bound = side.timeouts.handshake
+    with trio.move_on_after(bound):
+        async with control.heeding(registry.control, Stage.SETUP, wire.Session) as heard:
             await registry.complete.wait()
-    if not registry.complete.is_set():
-        missing = registry.missing()
-        what = "the control channel" if registry.control is None else (
-            "data channel" + ("s " if len(missing) > 1 else " ")
-            + ", ".join(map(str, missing)))
-        raise E.MissingChannels(f"{what} did not arrive within {timeouts.handshake:g}s "
+        return heard.message
+    missing = registry.missing()
+    raise E.MissingChannels(f"data channel{'s' if len(missing) > 1 else ''} "
+                            f"{', '.join(map(str, missing))} did not arrive within {bound:g}s "
                             f"({len(registry.data)} of {registry.channels} data channels "
-                            f"connected)", side=SIDE, stage="setup")
-    return heard.message
+                            f"connected)", side=side.name, stage=Stage.SETUP)

@@ -1,9 +1,12 @@
-"""What a finished (or failed) migration reports: a human summary or one JSON object."""
+"""What a migration reports: progress while it runs, then a human summary or one JSON object."""
 
 from __future__ import annotations
 
 import json
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
+
+import trio
 
 
 @dataclass
@@ -20,6 +23,15 @@ class Report:
     digest: str | None = None
     output: str | None = None
     error: str | None = None
+
+    @classmethod
+    def finished(cls, side: str, counters, image_size: int, channels: int, seconds: float,
+                 digest: str, output: str | None = None) -> "Report":
+        """The report of a verified migration, from its merged pump.Counters."""
+        return cls(side, ok=True, bytes=image_size, payload_bytes=counters.payload_bytes,
+                   pages=counters.pages, zero_pages=counters.zero_pages,
+                   packets=counters.packets, channels=channels, seconds=seconds,
+                   digest=digest, output=output)
 
     @property
     def throughput(self) -> float:
@@ -49,3 +61,17 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     raise AssertionError
+
+
+@asynccontextmanager
+async def reporting_progress(on_progress, pumps, total: int):
+    """Run on_progress(done, total) beside the body (if given), where done() sums the image
+    bytes the pumps (BlockSender / BlockReceiver) have moved so far; it stops with the body."""
+    if on_progress is None:
+        yield
+        return
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(on_progress, lambda: sum(p.counters.image_bytes for p in pumps),
+                           total)
+        yield
+        nursery.cancel_scope.cancel()

@@ -29,23 +29,22 @@ import trio
 
 from . import control
 from . import errors as E
+from . import tls as T
 from . import wire
 from .address import format_address
-from . import tls as T
-from .conn import Conn, TlsConn, collapse_group
-from .digest import DigestSum
-from .faults import Plan
+from .conn import Conn, TlsConn
+from .errors import Stage, collapse_group
+from .faults import NO_FAULTS, Faults, Phase
 from .image import SourceImage
-from .pump import BlockSender, Counters
+from .pump import BlockSender, totals
 from .ratelimit import RateLimiter, batch_bytes_for
-from .report import Report
+from .report import Report, reporting_progress
 from .settings import BATCH_BYTES, DEFAULT_BLOCK_PAGES, DEFAULT_PAGE_SIZE, Timeouts
+from .side import Side
 
-SIDE = "sender"
 
-
-def _hello_exchange(conn: Conn, hello: wire.Hello, faults: Plan) -> None:
-    conn.send_all(faults.hello_bytes(conn.label, wire.encode_hello(hello)))
+def _hello_exchange(conn: Conn, hello: wire.Hello) -> None:
+    conn.send_all(conn.side.faults.hello_bytes(conn.label, wire.encode_hello(hello)))
     status = wire.decode_hello_reply(conn.recv_bytes(wire.HELLO_REPLY.size, "the hello reply"))
     if status is not wire.HelloStatus.OK:
         raise E.RemoteProtocolError(
@@ -61,64 +60,59 @@ def _reason(exc: OSError) -> str:
         exc = cause
     if isinstance(exc, socket.gaierror):  # name resolution: its errno is not an OS errno
         return exc.strerror or str(exc)
-    return os.strerror(exc.errno) if exc.errno else str(exc)
+    return exc.strerror or (os.strerror(exc.errno) if exc.errno else str(exc))
 
 
-async def dial(host: str, port: int, hello: wire.Hello, timeouts: Timeouts,
-               tls: T.ClientTls | None = None, faults: Plan = Plan()) -> Conn:
-    """Connect, secure (with TLS) and say hello; returns only a fully established channel."""
-    label = hello.label()
-    if faults.find("refuse", label):
-        raise E.TransportError(f"cannot connect to {format_address(host, port)}: refused "
-                               f"(injected fault)", side=SIDE, channel=label, stage="connect")
-    if delay := faults.find("delay", label):
-        await trio.sleep(delay.params.get("seconds", 5.0))
+async def _connect(host: str, port: int, label: str, side: Side) -> socket.socket:
+    where = dict(side=side.name, channel=label, stage=Stage.CONNECT)
     try:
-        with trio.fail_after(timeouts.connect):
+        await side.faults.connect(label)
+        with trio.fail_after(side.timeouts.connect):
             stream = await trio.open_tcp_stream(host, port)
     except trio.TooSlowError:
         raise E.PeerTimeout(f"no connection to {format_address(host, port)} within "
-                            f"{timeouts.connect:g}s",
-                            side=SIDE, channel=label, stage="connect") from None
+                            f"{side.timeouts.connect:g}s", **where) from None
     except OSError as exc:
         raise E.TransportError(f"cannot connect to {format_address(host, port)}: {_reason(exc)}",
-                               side=SIDE, channel=label, stage="connect") from None
-    raw = socket.socket(fileno=stream.socket.detach())
+                               **where) from None
+    return socket.socket(fileno=stream.socket.detach())
+
+
+async def _greet(conn: Conn, hello: wire.Hello, side: Side) -> None:
+    """TLS (with TLS) and the hello exchange, under one deadline, as the receiver has."""
+    with trio.move_on_after(side.timeouts.handshake):
+        if isinstance(conn, TlsConn):
+            await side.faults.handshake(conn)
+            await conn.run(Stage.TLS, conn.handshake)
+        await conn.run(Stage.HELLO, _hello_exchange, conn, hello)
+        return
+    bound = side.timeouts.handshake
+    raise E.PeerTimeout(f"no TLS handshake and hello reply within {bound:g}s" if side.tls else
+                        f"no hello reply within {bound:g}s", side=side.name,
+                        channel=conn.label, stage=Stage.TLS if side.tls else Stage.HELLO)
+
+
+async def dial(host: str, port: int, hello: wire.Hello, side: Side) -> Conn:
+    """Connect, secure (with TLS) and say hello; returns only a fully established channel."""
+    label = hello.label()
+    raw = await _connect(host, port, label, side)
     try:
-        conn = _secure(raw, host, label, tls, timeouts) if tls else Conn(
-            raw, label, side=SIDE, timeout=timeouts.handshake)
+        conn = _secure(raw, host, label, side) if side.tls else Conn(
+            raw, label, side=side, timeout=side.timeouts.handshake)
     except BaseException:
         raw.close()
         raise
     try:
-        # One deadline for TLS and hello together, as the receiver has.
-        with trio.move_on_after(timeouts.handshake) as deadline:
-            if tls is not None:
-                await _tls_faults(conn, faults)
-                await conn.run("tls", conn.handshake)
-            await conn.run("hello", _hello_exchange, conn, hello, faults)
-        if deadline.cancelled_caught:
-            raise E.PeerTimeout(f"no TLS handshake and hello reply within "
-                                f"{timeouts.handshake:g}s" if tls else
-                                f"no hello reply within {timeouts.handshake:g}s",
-                                side=SIDE, channel=label, stage="tls" if tls else "hello")
-        conn.set_timeout(timeouts.idle)
-        conn.sock = faults.wrap_socket(label, conn.sock)
+        await _greet(conn, hello, side)
+        conn.establish(label)
     except BaseException:
         conn.close()
         raise
     return conn
 
 
-async def _tls_faults(conn: TlsConn, faults: Plan) -> None:
-    if faults.find("tls-stall", conn.label):
-        await trio.sleep_forever()  # until the handshake deadline
-    if faults.find("tls-abort", conn.label):
-        await conn.run("tls", conn.abort_handshake)
-
-
-def _secure(raw: socket.socket, host: str, label: str, tls: T.ClientTls,
-            timeouts: Timeouts) -> TlsConn:
+def _secure(raw: socket.socket, host: str, label: str, side: Side) -> TlsConn:
+    tls: T.ClientTls = side.tls
     name = host if tls.hostname is None else tls.hostname
     try:
         sock = tls.context.wrap_socket(raw, server_hostname=name, do_handshake_on_connect=False,
@@ -128,14 +122,13 @@ def _secure(raw: socket.socket, host: str, label: str, tls: T.ClientTls,
                            f"{exc}") from None
     hint = "" if tls.has_identity else (f", and this sender has none ({T.CLIENT_CERT} "
                                         f"is not in the --tls directory)")
-    return TlsConn(sock, label, side=SIDE, timeout=timeouts.handshake,
+    return TlsConn(sock, label, side=side, timeout=side.timeouts.handshake,
                    peer_name="the receiver", hostname=name, hint=hint)
 
 
 @asynccontextmanager
 async def open_sender_channels(host: str, port: int, session_id: bytes, channels: int,
-                               timeouts: Timeouts, tls: T.ClientTls | None = None,
-                               faults: Plan = Plan()):
+                               side: Side):
     """The control channel first, then every data channel concurrently.
 
     Control first because only the control channel binds the receiver to this migration:
@@ -145,45 +138,40 @@ async def open_sender_channels(host: str, port: int, session_id: bytes, channels
     established: dict[object, Conn] = {}  # the close-on-exit set
 
     async def attempt(key: object, hello: wire.Hello) -> None:
-        established[key] = await dial(host, port, hello, timeouts, tls, faults)
+        established[key] = await dial(host, port, hello, side)
 
     try:
         await attempt("control", wire.Hello(wire.Role.CONTROL, session_id, 0, channels))
         ctl = established["control"]
-        try:
+        async with control.concluding(lambda: ctl):
             # A receiver that gives up meanwhile says why on the control channel.
-            async with control.heeding(ctl, "setup", None, "receiver"):
+            async with control.heeding(ctl, Stage.SETUP, None):
                 with collapse_group():
                     async with trio.open_nursery() as dials:
                         for i in range(channels):
                             dials.start_soon(attempt, i, wire.Hello(wire.Role.DATA, session_id,
                                                                     i, channels))
-        except BaseException as exc:
-            reported = await control.conclude_failure(ctl, exc, "receiver")
-            if reported is exc:
-                raise
-            raise reported from None
-        yield established["control"], [established[i] for i in range(channels)]
+        yield ctl, [established[i] for i in range(channels)]
     finally:
         for conn in established.values():
             conn.close()
 
 
 async def _channel_task(sender: BlockSender, batches, limiter: RateLimiter | None,
-                        block_bytes: int) -> None:
+                        round: int) -> None:
+    """One data channel's round: the batches it takes, then SYNC and END."""
     conn = sender.conn
-    faults = sender.faults
+    conn.side.faults.phase(Phase.ROUND, conn.label, round=round)
     async for first, last in batches:
-        faults.crash("round", conn.label, round=0)
-        budget = (last - first) * block_bytes
+        budget = sender.session.block_bytes * (last - first)
         if limiter is not None:
             await limiter.acquire(budget)
-        sent = await conn.run("data", sender.send_blocks, first, last)
+        sent = await conn.run(Stage.DATA, sender.send_blocks, first, last, round)
         if limiter is not None:
             limiter.refund(budget - sent)
-    await conn.run("sync", sender.send_marker, wire.PacketKind.SYNC, 0)
-    faults.crash("sync", conn.label)
-    await conn.run("finish", sender.finish, 1)
+    await conn.run(Stage.SYNC, sender.send_marker, wire.PacketKind.SYNC, round)
+    conn.side.faults.phase(Phase.SYNC, conn.label)
+    await conn.run(Stage.FINISH, sender.finish, round + 1)
 
 
 async def _produce(batches_tx, nblocks: int, batch_blocks: int) -> None:
@@ -192,26 +180,61 @@ async def _produce(batches_tx, nblocks: int, batch_blocks: int) -> None:
             await batches_tx.send((first, min(first + batch_blocks, nblocks)))
 
 
-async def _pump_all(senders: list[BlockSender], session: wire.Session,
-                    max_bandwidth: float | None) -> None:
+async def _transfer(ctl: Conn, senders: list[BlockSender], max_bandwidth: float | None) -> None:
+    """Every block once, in batches taken by whichever channel is idle (backpressure: the
+    memory channel holds nothing), the control channel heeded meanwhile."""
+    session = senders[0].session
     limiter = RateLimiter(max_bandwidth) if max_bandwidth else None
     per_hop = batch_bytes_for(max_bandwidth, BATCH_BYTES)
     # Spread small images over every channel rather than one batch on one channel.
     batch_blocks = max(1, min(per_hop // session.block_bytes,
                               -(-session.nblocks // len(senders))))
     batches_tx, batches_rx = trio.open_memory_channel(0)
-    with batches_rx:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_produce, batches_tx, session.nblocks, batch_blocks)
-            for sender in senders:
-                nursery.start_soon(_channel_task, sender, batches_rx, limiter,
-                                   session.block_bytes)
+    # A receiver that fails says why on the control channel, even while our sends hang.
+    async with control.heeding(ctl, Stage.DATA, None):
+        with batches_rx:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_produce, batches_tx, session.nblocks, batch_blocks)
+                for sender in senders:
+                    nursery.start_soon(_channel_task, sender, batches_rx, limiter, 0)
+
+
+async def _complete(ctl: Conn, senders: list[BlockSender], rounds: int, side: Side):
+    """COMPLETE with what we sent, then the receiver's DONE with the digest it verified."""
+    total, counters = totals(senders)
+    side.faults.phase(Phase.COMPLETION)
+    await control.send(ctl, Stage.FINISH, wire.Complete(
+        rounds, counters.packets, counters.pages, counters.zero_pages, total.digest()))
+    done = await control.receive(ctl, Stage.FINISH, wire.Done)
+    if done.digest != total.digest():
+        raise E.VerificationError(f"receiver confirmed digest {done.digest.hex()} "
+                                  f"(expected {total.hexdigest()})", side=side.name,
+                                  stage=Stage.FINISH)
+    return total, counters
+
+
+def _session(source: SourceImage, channels: int, page_size: int, block_pages: int,
+             max_bandwidth: float | None, timeouts: Timeouts) -> wire.Session:
+    """The session this image and these options make, or the usage error that says why not."""
+    try:
+        session = wire.Session(source.size, page_size, block_pages)
+    except E.LocalProtocolError as exc:
+        raise E.UsageError(exc.message) from None
+    if max_bandwidth and channels * session.block_bytes / max_bandwidth > timeouts.idle / 2:
+        # Packets leave whole and channels take turns: at this rate a channel would stay
+        # silent for longer than half the idle timeout between two of its packets.
+        raise E.UsageError(
+            f"--max-bandwidth {max_bandwidth:g} B/s is too low for {channels} channels "
+            f"of {session.block_bytes}-byte packets with a {timeouts.idle:g}s idle "
+            f"timeout (use fewer --channels, smaller --packet-pages or a longer "
+            f"--idle-timeout)")
+    return session
 
 
 async def send_image(host: str, port: int, path: str, *, channels: int = 4,
                      page_size: int = DEFAULT_PAGE_SIZE, block_pages: int = DEFAULT_BLOCK_PAGES,
                      max_bandwidth: float | None = None, timeouts: Timeouts = Timeouts(),
-                     tls: T.ClientTls | None = None, faults: Plan = Plan(),
+                     tls: T.ClientTls | None = None, faults: Faults = NO_FAULTS,
                      on_progress=None, on_complete=None) -> Report:
     """Migrate the image at `path` to the receiver at host:port. Raises MultifdError.
 
@@ -219,63 +242,26 @@ async def send_image(host: str, port: int, path: str, *, channels: int = 4,
     the cleanup that a late cancellation could still interrupt."""
     if not 1 <= channels <= wire.MAX_CHANNELS:
         raise E.UsageError(f"--channels {channels} out of range (1..{wire.MAX_CHANNELS})")
+    side = Side("sender", timeouts, tls, faults)
     with SourceImage(path) as source:
-        try:
-            session = wire.Session(source.size, page_size, block_pages)
-        except E.LocalProtocolError as exc:
-            raise E.UsageError(exc.message) from None
-        if max_bandwidth and (channels * session.block_bytes / max_bandwidth
-                              > timeouts.idle / 2):
-            # Packets leave whole and channels take turns: at this rate a channel would stay
-            # silent for longer than half the idle timeout between two of its packets.
-            raise E.UsageError(
-                f"--max-bandwidth {max_bandwidth:g} B/s is too low for {channels} channels "
-                f"of {session.block_bytes}-byte packets with a {timeouts.idle:g}s idle "
-                f"timeout (use fewer --channels, smaller --packet-pages or a longer "
-                f"--idle-timeout)")
+        session = _session(source, channels, page_size, block_pages, max_bandwidth, timeouts)
         started = trio.current_time()
-        session_id = uuid.uuid4().bytes
-        async with open_sender_channels(host, port, session_id, channels, timeouts, tls,
-                                        faults) as (ctl, datas):
-            faults.crash("setup")
-            senders = [BlockSender(conn, source, session, faults) for conn in datas]
-            try:
-                async with trio.open_nursery() as nursery:
-                    if on_progress is not None:
-                        nursery.start_soon(on_progress, lambda: sum(
-                            s.counters.image_bytes for s in senders), session.image_size)
-                    await control.send(ctl, "setup", session)
-                    await control.receive(ctl, "setup", wire.Ready, "receiver")
-                    # A receiver that fails says why there, even while our sends hang.
-                    async with control.heeding(ctl, "data", None, "receiver"):
-                        await _pump_all(senders, session, max_bandwidth)
-                    nursery.cancel_scope.cancel()
-                total, counters = DigestSum(), Counters()
-                for s in senders:
-                    total.merge(s.sum)
-                    counters.merge(s.counters)
-                faults.crash("completion")
-                await control.send(ctl, "finish", wire.Complete(
-                    1, counters.packets, counters.pages, counters.zero_pages, total.digest()))
-                done = await control.receive(ctl, "finish", wire.Done, "receiver")
-                if done.digest != total.digest():
-                    raise E.VerificationError(
-                        f"receiver confirmed digest {done.digest.hex()} "
-                        f"(expected {total.hexdigest()})", side=SIDE, stage="finish")
-                report = Report(SIDE, ok=True, bytes=session.image_size,
-                                payload_bytes=counters.payload_bytes, pages=counters.pages,
-                                zero_pages=counters.zero_pages, packets=counters.packets,
-                                channels=channels, seconds=trio.current_time() - started,
-                                digest=total.hexdigest())
+        async with open_sender_channels(host, port, uuid.uuid4().bytes, channels,
+                                        side) as (ctl, datas):
+            side.faults.phase(Phase.SETUP)
+            senders = [BlockSender(conn, source, session) for conn in datas]
+            async with control.concluding(lambda: ctl):
+                async with reporting_progress(on_progress, senders, session.image_size):
+                    await control.send(ctl, Stage.SETUP, session)
+                    await control.receive(ctl, Stage.SETUP, wire.Ready)
+                    await _transfer(ctl, senders, max_bandwidth)
+                total, counters = await _complete(ctl, senders, 1, side)
+                report = Report.finished(side.name, counters, session.image_size, channels,
+                                         trio.current_time() - started, total.hexdigest())
                 if on_complete is not None:
                     on_complete(report)
-            except BaseException as exc:
-                reported = await control.conclude_failure(ctl, exc, "receiver")
-                if reported is exc:
-                    raise
-                raise reported from None
             # DONE decided the outcome; the TLS close that follows only ends the stream
             # politely, and a peer that skips it cannot undo a verified migration.
             with contextlib.suppress(E.MultifdError):
-                await ctl.end_stream("finish")
+                await ctl.end_stream(Stage.FINISH)
         return report

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import gc
 
-# Imports build hundreds of thousands of objects that live as long as the process; running
-# the collector over them while importing costs about a tenth of the startup. cli.run
-# freezes them and turns the collector back on.
-gc.disable()
+if __name__ == "__main__":  # python -m: a CLI process (launch.py says why)
+    gc.disable()
 
-import functools  # noqa: E402
+import argparse  # noqa: E402
+import functools
 
+from . import args as A
 from . import cli, tls, wire
 from .address import parse_address
 from .send import send_image
@@ -21,22 +21,24 @@ PROG = "multifd-send"
 
 def _channels(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= wire.MAX_CHANNELS:
-        raise cli.argparse.ArgumentTypeError(
+        raise argparse.ArgumentTypeError(
             f"{text!r} is not a channel count in 1..{wire.MAX_CHANNELS}")
     return int(text)
 
 
-def build_parser() -> cli.Parser:
-    p = cli.Parser(prog=PROG, description="Stream a RAM image to multifd-recv over N parallel "
+def build_parser() -> A.Parser:
+    p = A.Parser(prog=PROG, description="Stream a RAM image to multifd-recv over N parallel "
                    "TCP channels; exit 0 only once the receiver verified it.")
     p.add_argument("address", metavar="ADDRESS", help="receiver, HOST:PORT or [IPv6]:PORT")
     p.add_argument("image", metavar="IMAGE", help="the image file to send")
     p.add_argument("--channels", type=_channels, default=DEFAULT_CHANNELS, metavar="N",
                    help=f"data channels, 1..{wire.MAX_CHANNELS} (default {DEFAULT_CHANNELS})")
-    p.add_argument("--max-bandwidth", type=cli.parse_rate, default=None, metavar="RATE",
-                   help="cap on the total rate of all channels, e.g. 500MB/s or 1GiB/s")
-    p.add_argument("--page-size", type=int, default=DEFAULT_PAGE_SIZE, metavar="BYTES",
-                   help=f"page size, a power of two (default {DEFAULT_PAGE_SIZE})")
+    p.add_argument("--max-bandwidth", type=A.rate, default=None, metavar="RATE",
+                   help="cap on the total rate of all channels, e.g. 500MB/s (10**6) or "
+                   "1GiB/s and 1G/s (2**30); README: Sizes and rates")
+    p.add_argument("--page-size", type=A.size, default=DEFAULT_PAGE_SIZE, metavar="SIZE",
+                   help=f"page size, a power of two, e.g. 4096 or 4K (default "
+                   f"{DEFAULT_PAGE_SIZE})")
     p.add_argument("--packet-pages", type=int, default=DEFAULT_BLOCK_PAGES, metavar="N",
                    help=f"pages per packet (default {DEFAULT_BLOCK_PAGES})")
     p.add_argument("--tls", metavar="DIR", help="mutual TLS with the credentials in DIR "
@@ -64,16 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         send_image, host, port, args.image, channels=args.channels, page_size=args.page_size,
         block_pages=args.packet_pages, max_bandwidth=args.max_bandwidth,
         timeouts=cli.timeouts_from(args), tls=credentials,
-        faults=cli.fault_plan(PROG, args, "send"),
+        faults=cli.faults_from(PROG, args, "send"),
         on_progress=cli.progress_printer("sending", not args.quiet and not args.json),
         on_complete=completed.append)
     return cli.run(PROG, "sender", main_fn, args.json, completed)
 
 
-def entry() -> None:
-    """The console script: main(), then a fast exit."""
-    cli.exit_now(main())
-
-
 if __name__ == "__main__":
-    entry()
+    from .launch import start
+    start(main)

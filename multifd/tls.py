@@ -21,7 +21,7 @@ import os
 import ssl
 from dataclasses import dataclass
 
-from .errors import UsageError
+from .errors import Stage, UsageError
 
 CA_CERT = "ca-cert.pem"
 SERVER_CERT, SERVER_KEY = "server-cert.pem", "server-key.pem"
@@ -185,7 +185,7 @@ _DURING = {"tls": " during the TLS handshake", "hello": " before answering the h
            "hello@receiver": " before its hello was complete"}
 
 
-def explain(exc: BaseException, *, peer: str, name: str | None = None, stage: str = "tls",
+def explain(exc: BaseException, *, peer: str, name: str | None = None, stage: Stage = Stage.TLS,
             hint: str = "", side: str = "sender") -> str | None:
     """One line for an ssl failure on a connection to `peer` ("the receiver", "the sender")
     at `stage`, seen from `side`; None if `exc` is not an ssl error. `name` is the host name

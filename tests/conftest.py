@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from multifd.mkimage import write_image
+from multifd.tools.mkimage import write_image
 
 PROC_TIMEOUT = 60
 _LISTENING = re.compile(r"listening on (.+):(\d+)$")

@@ -1,6 +1,6 @@
 """multifd-bench with its TLS cases: --cases, the goals and ratios when only some cases ran, a
 whole bench run on a small image, and the temporary credentials removed on every way out; and
-the TLS baseline, multifd.rawcopy --tls, on its own."""
+the TLS baseline, multifd.tools.rawcopy --tls, on its own."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import time
 
 import pytest
 
-from multifd import bench, certs, rawcopy
+from multifd.tools import bench, certs, rawcopy
 
-BENCH = [sys.executable, "-m", "multifd.bench"]
+BENCH = [sys.executable, "-m", "multifd.tools.bench"]
 MIB = 1 << 20
 TLS_AND_PLAIN = ("multifd-tls-newfile,multifd-tls-discard,multifd-newfile,multifd-discard,"
                  "raw-tls-discard,raw-tls-newfile")
@@ -315,9 +315,9 @@ def test_sigterm_mid_run_removes_the_credentials_and_its_processes(tmp_path):
             os.kill(pid, 0)
 
 
-# -- multifd.rawcopy --tls --------------------------------------------------------------
+# -- multifd.tools.rawcopy --tls --------------------------------------------------------
 
-RAWCOPY = [sys.executable, "-m", "multifd.rawcopy"]
+RAWCOPY = [sys.executable, "-m", "multifd.tools.rawcopy"]
 RAW_TIMEOUT = 30
 
 

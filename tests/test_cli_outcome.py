@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 
 import trio
@@ -43,3 +44,38 @@ def test_a_signal_before_the_outcome_is_reported_as_such(capsys):
 
     assert _run(main, []) == 130
     assert "interrupted" in capsys.readouterr().err
+
+
+def test_an_internal_error_after_the_outcome_is_said_and_keeps_its_exit_code(capsys):
+    completed: list = []
+
+    async def main():
+        completed.append(Report("receiver", ok=True, bytes=10, digest="ab"))
+        raise RuntimeError("a bug in the cleanup")
+
+    assert _run(main, completed) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ("multifd-test: receiver: after the outcome was decided: internal "
+                            "error: RuntimeError('a bug in the cleanup') (MULTIFD_DEBUG=1 shows "
+                            "a traceback)\n")
+    assert json.loads(captured.out)["ok"] is True
+
+
+def test_an_internal_error_before_the_outcome_fails_with_one_line(capsys):
+    async def main():
+        raise RuntimeError("a bug")
+
+    assert _run(main) == 1
+    assert capsys.readouterr().err.startswith("multifd-test: receiver: internal error: ")
+
+
+def test_running_a_migration_leaves_the_collector_as_it_was():
+    """Process-wide start-up settings (gc.disable, gc.freeze) belong to launch.py, which only
+    a CLI process runs: whoever imports and runs the library keeps its own."""
+    frozen, enabled = gc.get_freeze_count(), gc.isenabled()
+
+    async def main():
+        return Report("receiver", ok=True)
+
+    assert _run(main) == 0
+    assert (gc.get_freeze_count(), gc.isenabled()) == (frozen, enabled)

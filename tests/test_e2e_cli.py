@@ -138,7 +138,10 @@ def test_sender_usage_errors(make_image, tmp_path):
         (["127.0.0.1:99999", image], "port"),
         (["127.0.0.1:1", image, "--channels", "0"], "channel count"),
         (["127.0.0.1:1", image, "--channels", "65"], "channel count"),
-        (["127.0.0.1:1", image, "--max-bandwidth", "fast"], "does not parse"),
+        (["127.0.0.1:1", image, "--max-bandwidth", "fast"], "'fast' is not a rate"),
+        (["127.0.0.1:1", image, "--max-bandwidth", "1Gbit/s"], "is in bits: give bytes per "
+                                                              "second (125MB/s)"),
+        (["127.0.0.1:1", image, "--idle-timeout", "soon"], "'soon' is not a duration"),
         (["127.0.0.1:1", image, "--page-size", "1000"], "page size"),
     ]
     for args, expected in cases:
@@ -293,3 +296,22 @@ def test_a_rate_too_low_for_the_idle_timeout_is_refused(make_image):
     result = run_sender("127.0.0.1:1", image, "--channels", "16", "--max-bandwidth", "4MB/s",
                         "--idle-timeout", "5")
     assert result.returncode == 2 and "too low for 16 channels" in result.stderr
+
+
+def test_idle_timeout_bounds_the_whole_exit_when_the_receiver_stops_reading(make_image,
+                                                                           tmp_path):
+    """--idle-timeout S means the sender ends about S after its peer fell silent, not two or
+    three times S: a send that moved a few bytes before the kernel's timeout expired must not
+    start the wait again (a receiver stopped with SIGSTOP did exactly that)."""
+    image = make_image(64 * MiB)
+    recv = start_receiver(str(tmp_path / "out.img"), "--fault", "stall:after=1M",
+                          "--idle-timeout", "30")
+    start = time.monotonic()
+    sent = run_sender(recv.address, image, "--idle-timeout", "2", timeout=30)
+    elapsed = time.monotonic() - start
+    recv.proc.kill()
+    recv.finish(timeout=10)
+    assert sent.returncode == 1
+    assert "peer silent for 2s" in _one_clean_line(sent.stderr), sent.stderr
+    # about 2 s of silence, plus start-up and at most control.TELL_GRACE to say why
+    assert elapsed < 3.5, f"the sender took {elapsed:.1f}s to give up"

@@ -20,9 +20,9 @@ import pytest
 import trio
 
 from conftest import cli, files_in, run_sender, start_receiver, unnamed_files_in
-from multifd import certs
+from multifd.tools import certs
 from multifd import errors as E
-from multifd.faults import CRASH_EXIT, Fault, Plan, parse, parse_size
+from multifd.faults import CRASH_EXIT, Fault, Faults, parse
 from test_lifecycle import clean  # noqa: F401 - the fixture
 
 # ------------------------------------------------------------------ the grammar
@@ -31,9 +31,11 @@ from test_lifecycle import clean  # noqa: F401 - the fixture
 @pytest.mark.parametrize("spec, side, expected", [
     ("tls-stall@3", "send", Fault("tls-stall", "3", {})),
     ("reset@5:after=64MiB", "send", Fault("reset", "5", {"after": 64 << 20})),
-    ("crash:round=1", "recv", Fault("crash", "all", {"round": 1})),
+    ("crash:round=0", "recv", Fault("crash", "all", {"round": 0})),
     ("crash@2:phase=sync", "send", Fault("crash", "2", {"phase": "sync"})),
-    ("stall@control:after=1K", "recv", Fault("stall", "control", {"after": 1000})),
+    ("stall@control:after=1K", "recv", Fault("stall", "control", {"after": 1024})),
+    ("stall@control:after=1KB", "recv", Fault("stall", "control", {"after": 1000})),
+    ("delay@1:seconds=300ms", "send", Fault("delay", "1", {"seconds": 0.3})),
     ("delay@0:seconds=0.5", "send", Fault("delay", "0", {"seconds": 0.5})),
     (" corrupt-payload@1 : packet=3 ", "send", Fault("corrupt-payload", "1", {"packet": 3})),
     ("full-disk:after=0", "recv", Fault("full-disk", "all", {"after": 0})),
@@ -61,6 +63,14 @@ def test_specs_parse(spec, side, expected):
     ("bad-magic@1", "recv", "bad-magic is a fault of multifd-send"),
     ("tls-stall@2", "recv", "its TLS faults hit every connection"),
     ("delay@1:seconds=9999", "send", "seconds='9999' is not in 0..3600"),
+    ("reset@1:after=1Gbit", "send", "is in bits"),
+    # faults that could never strike are refused, not accepted in silence
+    ("crash:round=1", "send", "round=1 never comes: the sender sends one round (0)"),
+    ("crash:round=1", "recv", "round=1 never comes"),
+    ("crash@2:phase=completion", "send", "phase=completion happens once per process"),
+    ("crash@2:phase=setup", "recv", "phase=setup happens once per process"),
+    ("crash@control:phase=sync", "send", "the control channel has no rounds or syncs"),
+    ("crash@control:round=0", "recv", "the control channel has no rounds or syncs"),
 ])
 def test_malformed_specs_say_what_is_wrong(spec, side, why):
     with pytest.raises(E.UsageError) as info:
@@ -69,18 +79,12 @@ def test_malformed_specs_say_what_is_wrong(spec, side, why):
         str(info.value)
 
 
-@pytest.mark.parametrize("text, size", [("0", 0), ("4096", 4096), ("1K", 1000), ("1KiB", 1024),
-                                        ("64MiB", 64 << 20), ("2G", 2 * 10**9), ("3mb", 3 * 10**6)])
-def test_sizes(text, size):
-    assert parse_size(text) == size
-
-
 def test_cli_rejects_a_malformed_spec_in_one_line(make_image):
     image = make_image(1 << 20)
     res = run_sender("127.0.0.1:9", image, "--fault", "reset@1:after=soon")
     assert res.returncode == 2
     assert res.stderr == "multifd-send: --fault 'reset@1:after=soon': 'soon' is not a size " \
-                         "(e.g. 4096, 64MiB, 1G)\n"
+                         "(e.g. 4096, 64MiB, 1G, 500MB)\n"
     res = subprocess.run([*cli("recv"), "--listen", "127.0.0.1:0", "--discard", "--fault",
                           "tls-stall"], capture_output=True, text=True, timeout=30)
     assert res.returncode == 2
@@ -103,7 +107,7 @@ def pki(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory):
-    from multifd.mkimage import write_image
+    from multifd.tools.mkimage import write_image
     path = str(tmp_path_factory.mktemp("img") / "mixed.img")
     write_image(path, 8 << 20, "mixed", 7)
     return path
@@ -111,7 +115,7 @@ def image(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def big_image(tmp_path_factory):
-    from multifd.mkimage import write_image
+    from multifd.tools.mkimage import write_image
     path = str(tmp_path_factory.mktemp("img") / "random.img")
     write_image(path, 64 << 20, "random", 7)
     return path
@@ -517,11 +521,11 @@ async def test_no_task_thread_or_descriptor_outlives_a_faulted_migration(
                 side, "receiver", receive_image, listeners, str(outdir / "vm.img"),
                 timeouts=timeouts, log=lambda line: None,
                 tls=server_tls(pki) if tls else None,
-                faults=Plan([parse(s, "recv") for s in recv_faults])))
+                faults=Faults([parse(s, "recv") for s in recv_faults], "recv")))
             await side("sender", send_image, "127.0.0.1", port, image, channels=CHANNELS,
                        block_pages=64, timeouts=timeouts,
                        tls=client_tls(pki) if tls else None,
-                       faults=Plan([parse(s, "send") for s in send_faults]))
+                       faults=Faults([parse(s, "send") for s in send_faults], "send"))
     for listener in listeners:
         await listener.aclose()
     assert set(failures) == {"sender", "receiver"}, failures

@@ -21,8 +21,10 @@ from multifd import wire
 from multifd.recv import open_listeners, receive_image
 from multifd.send import dial, send_image
 from multifd.settings import Timeouts
+from multifd.side import Side
 
 FAST = Timeouts(connect=2, handshake=1, idle=3)
+SENDER = Side("sender", FAST)
 PKG = os.path.dirname(E.__file__)
 
 
@@ -109,14 +111,14 @@ async def test_data_channels_before_control(clean, image, tmp_path):
 
             async def data(i):
                 conns[i] = await dial("127.0.0.1", port,
-                                      wire.Hello(wire.Role.DATA, sid, i, n), FAST)
+                                      wire.Hello(wire.Role.DATA, sid, i, n), SENDER)
             async with trio.open_nursery() as dials:
                 for i in range(n):
                     dials.start_soon(data, i)
                 await trio.sleep(0.3)  # every data channel is waiting at the receiver
                 assert not conns
-                conns["control"] = await dial("127.0.0.1", port,
-                                              wire.Hello(wire.Role.CONTROL, sid, 0, n), FAST)
+                conns["control"] = await dial(
+                    "127.0.0.1", port, wire.Hello(wire.Role.CONTROL, sid, 0, n), SENDER)
             assert len(conns) == n + 1
             for conn in conns.values():
                 conn.close()
@@ -135,8 +137,8 @@ async def test_rejected_hellos_name_the_reason(clean, tmp_path):
             nursery.start_soon(lambda: receive_image(listeners, None, timeouts=Timeouts(
                 connect=2, handshake=5, idle=3), log=logs.append))
             control = await dial("127.0.0.1", port, wire.Hello(wire.Role.CONTROL, sid, 0, 2),
-                                 FAST)
-            good = await dial("127.0.0.1", port, wire.Hello(wire.Role.DATA, sid, 0, 2), FAST)
+                                 SENDER)
+            good = await dial("127.0.0.1", port, wire.Hello(wire.Role.DATA, sid, 0, 2), SENDER)
             cases = [
                 (wire.Hello(wire.Role.DATA, other, 1, 2), "unknown session"),
                 (wire.Hello(wire.Role.DATA, sid, 0, 2), "duplicate channel id"),
@@ -145,7 +147,7 @@ async def test_rejected_hellos_name_the_reason(clean, tmp_path):
             ]
             for hello, reason in cases:
                 with pytest.raises(E.RemoteProtocolError, match=reason):
-                    await dial("127.0.0.1", port, hello, FAST)
+                    await dial("127.0.0.1", port, hello, SENDER)
             # The id equal to the count is refused by the receiver's decoder (>=, not >).
             raw = wire.encode_hello(wire.Hello(wire.Role.DATA, sid, 0, 2))
             bad = raw[:24] + (2).to_bytes(2, "big") + raw[26:]
@@ -259,8 +261,8 @@ async def test_missing_data_channel_times_out_and_tells_the_sender(clean, tmp_pa
         async with trio.open_nursery() as nursery:
             nursery.start_soon(recv)
             control = await dial("127.0.0.1", port, wire.Hello(wire.Role.CONTROL, sid, 0, 2),
-                                 FAST)
-            data0 = await dial("127.0.0.1", port, wire.Hello(wire.Role.DATA, sid, 0, 2), FAST)
+                                 SENDER)
+            data0 = await dial("127.0.0.1", port, wire.Hello(wire.Role.DATA, sid, 0, 2), SENDER)
             control.set_timeout(8)  # the receiver first waits for our reason, then says its own
             head = await control.run("test", control.recv_bytes, wire.FRAME.size, "frame")
             kind, _, _, length = wire.FRAME.unpack(head)

@@ -22,13 +22,14 @@ import pytest
 import trio
 
 from conftest import cli, files_in, run_sender, start_receiver
-from multifd import certs, wire
+from multifd import wire
 from multifd import errors as E
 from multifd.digest import DigestSum, block_term, term_bytes
 from multifd.send import send_image
 from multifd.settings import Timeouts
 from multifd import tls as T
 from multifd.tls import client_tls, server_tls
+from multifd.tools import certs
 from test_lifecycle import clean  # noqa: F401 - the fixture
 
 DAY = datetime.timedelta(days=1)

@@ -9,7 +9,7 @@ import subprocess
 import time
 
 from conftest import cli, start_receiver
-from multifd.mkimage import write_image
+from multifd.tools.mkimage import write_image
 
 MiB = 1 << 20
 
@@ -48,8 +48,8 @@ def test_mkimage_cli(tmp_path):
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     assert path.stat().st_size == 64 * 1024
-    bad = subprocess.run([*cli("send")[:1], "-m", "multifd.mkimage", str(path), "--size", "x"],
-                         capture_output=True, text=True, timeout=30)
+    bad = subprocess.run([*cli("send")[:1], "-m", "multifd.tools.mkimage", str(path),
+                          "--size", "x"], capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
 
 

@@ -5,15 +5,15 @@ How fast is multifd compared with what the machine can do? Each case moves one r
 over loopback TCP and is timed as the whole sender process, from spawn to exit, so startup,
 handshake and the final verification count, as they do for a user:
 
-  raw-newfile          multifd.rawcopy (the least code that does the job) into a new file
+  raw-newfile          multifd.tools.rawcopy (the least code that does the job) into a new file
   multifd-newfile      multifd-send -> multifd-recv OUTPUT, output compared byte for byte
   multifd-tls-newfile  the same with --tls on both sides: mutual TLS 1.3 on every channel
-  raw-tls-newfile      multifd.rawcopy --tls (stdlib ssl, mutual TLS 1.3) into a new file
+  raw-tls-newfile      multifd.tools.rawcopy --tls (stdlib ssl, mutual TLS 1.3) into a new file
   iperf3               iperf3 -P N -n SIZE: what loopback TCP itself gives, no file at all
   multifd-discard      multifd-send -> multifd-recv --discard
   multifd-tls-discard  the same with --tls on both sides
-  raw-tls-discard      multifd.rawcopy --tls (stdlib ssl, mutual TLS 1.3), no output file
-  raw-discard          multifd.rawcopy with no output file
+  raw-tls-discard      multifd.tools.rawcopy --tls (stdlib ssl, mutual TLS 1.3), no output file
+  raw-discard          multifd.tools.rawcopy with no output file
 
 and reported with the CPU seconds per GiB of each process (from wait4). The goals:
 multifd-newfile reaches 0.80 of raw-newfile, multifd-discard 0.50 of iperf3, and with TLS
@@ -54,9 +54,11 @@ import tempfile
 import threading
 import time
 
-from . import certs, cli, wire
-from .errors import UsageError
-from .mkimage import parse_size, write_image
+from .. import args as cliargs
+from .. import units, wire
+from ..errors import UsageError
+from . import certs
+from .mkimage import write_image
 
 PROG = "multifd-bench"
 # Each TLS case sits beside its plain one or the TLS case it is compared with: the order
@@ -257,7 +259,7 @@ class Bench:
     def case_raw(self, discard: bool, tls: bool = False) -> dict:
         if tls and self.tls_dir is None:
             raise BenchError("no TLS credentials (make_credentials was not called)")
-        raw = [sys.executable, "-m", "multifd.rawcopy"]
+        raw = [sys.executable, "-m", "multifd.tools.rawcopy"]
         n = str(self.channels)
         secure = ["--tls", self.tls_dir] if tls else []
         server = ("rawcopy recv", raw + ["recv", "--listen", "127.0.0.1:0", "--channels", n,
@@ -447,10 +449,10 @@ def _case_list(text: str) -> tuple[str, ...]:
     return tuple(case for case in CASES if case in names)
 
 
-def build_parser() -> cli.Parser:
-    p = cli.Parser(prog=PROG, description="Time multifd against a raw TCP copy and iperf3 "
+def build_parser() -> cliargs.Parser:
+    p = cliargs.Parser(prog=PROG, description="Time multifd against a raw TCP copy and iperf3 "
                    "over loopback; see the module docstring for what each case measures.")
-    p.add_argument("--size", type=parse_size, default=parse_size("1G"),
+    p.add_argument("--size", type=cliargs.size, default=units.parse_size("1G"),
                    help="image size, e.g. 256M, 1G (default 1G)")
     p.add_argument("--channels", type=int, default=4, metavar="N",
                    help=f"TCP connections for every case, 1..{wire.MAX_CHANNELS} (default 4)")
@@ -458,7 +460,7 @@ def build_parser() -> cli.Parser:
                    help="where the image and the output files go (default /dev/shm)")
     p.add_argument("--repeat", type=int, default=1, metavar="K",
                    help="run the case sequence K times and report medians (default 1)")
-    p.add_argument("--timeout", type=cli.positive_float, default=300.0, metavar="S",
+    p.add_argument("--timeout", type=cliargs.duration, default=300.0, metavar="S",
                    help="bound on each process run (default 300)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object with all results instead of the table")

@@ -32,8 +32,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from . import cli
-from .errors import UsageError
+from .. import args as cliargs
+from ..errors import UsageError
 
 PROG = "multifd-certs"
 # Backdated so that a peer whose clock is a little behind accepts a certificate made just now.
@@ -243,7 +243,7 @@ def _days(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = cli.Parser(prog=PROG, description="Write a CA, a server and a client certificate "
+    p = cliargs.Parser(prog=PROG, description="Write a CA, a server and a client certificate "
                    "for mutual TLS, with QEMU's tls-creds-x509 file names.")
     p.add_argument("directory", metavar="DIR", help="created (mode 0700) if missing")
     p.add_argument("--server-name", action="append", required=True, metavar="NAME",

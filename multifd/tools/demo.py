@@ -1,6 +1,6 @@
 """make demo: a real loopback migration through the two CLIs, then a byte-for-byte check.
 
-    python -m multifd.demo [--tls DIR]     (make demo passes the development certs/)
+    python -m multifd.tools.demo [--tls DIR]     (make demo passes the development certs/)
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _start_receiver(out: str, tls: list[str]) -> tuple[subprocess.Popen, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m multifd.demo",
+    parser = argparse.ArgumentParser(prog="python -m multifd.tools.demo",
                                      description="A verified loopback migration.")
     parser.add_argument("--tls", metavar="DIR", help="mutual TLS with the credentials in DIR")
     args = parser.parse_args(argv)

@@ -14,25 +14,10 @@ import sys
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from . import cli
+from .. import args as cliargs
 
 CHUNK = 1 << 20
 KINDS = ("random", "zero", "mixed")
-
-
-def parse_size(text: str) -> int:
-    """'1G', '512MiB', '4096', '1.5GB' -> bytes (K/M/G/T are powers of 1024 unless 'B'
-    follows a decimal prefix without 'i': 1GB = 10**9)."""
-    m = cli._RATE.match(text)
-    if not m or text.strip().endswith("/s"):
-        raise cli.argparse.ArgumentTypeError(f"size {text!r} does not parse (e.g. 1G, 64MiB)")
-    number, prefix, binary, unit_b = float(m.group(1)), m.group(2).upper(), m.group(3), m.group(4)
-    power = " KMGT".index(prefix) if prefix else 0
-    base = 1000 if (unit_b and not binary and prefix) else 1024
-    size = int(number * base ** power)
-    if size < 0:
-        raise cli.argparse.ArgumentTypeError(f"size {text!r} is negative")
-    return size
 
 
 def chunk_bytes(kind: str, seed: int, index: int, length: int, page_size: int) -> bytes:
@@ -77,9 +62,10 @@ def write_image(path: str, size: int, kind: str = "random", seed: int = 0,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = cli.Parser(prog="multifd-mkimage", description="Write a seeded, reproducible test image.")
+    p = cliargs.Parser(prog="multifd-mkimage",
+                       description="Write a seeded, reproducible test image.")
     p.add_argument("path", metavar="PATH")
-    p.add_argument("--size", type=parse_size, required=True, help="e.g. 1G, 64MiB, 4096")
+    p.add_argument("--size", type=cliargs.size, required=True, help="e.g. 1G, 64MiB, 4096")
     p.add_argument("--kind", choices=KINDS, default="random")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

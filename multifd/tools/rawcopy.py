@@ -1,8 +1,8 @@
 """The baseline multifd-bench compares the product to: the least code that copies a file over
 N parallel TCP connections, with none of multifd's framing, digests or checks.
 
-    python -m multifd.rawcopy recv --listen 127.0.0.1:0 --channels N (OUT | --discard)
-    python -m multifd.rawcopy send HOST:PORT IMAGE --channels N
+    python -m multifd.tools.rawcopy recv --listen 127.0.0.1:0 --channels N (OUT | --discard)
+    python -m multifd.tools.rawcopy send HOST:PORT IMAGE --channels N
 
 (both also take --tls DIR, below).
 
@@ -192,7 +192,7 @@ def send(address: str, image: str, channels: int, tls: str | None = None) -> int
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m multifd.rawcopy",
+    p = argparse.ArgumentParser(prog="python -m multifd.tools.rawcopy",
                                 description="Minimal parallel TCP file copy (benchmark baseline).")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("recv", help="accept N connections and write what arrives")
