@@ -7,7 +7,6 @@ traceback; exit 0 success, 1 migration failed, 2 usage or input error, 130 inter
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import signal
 import sys
@@ -47,20 +46,18 @@ def add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def faults_from(prog: str, args, side: str) -> Faults:
-    """The --fault flags as the side's Faults; a malformed SPEC is the one-line usage error."""
-    who = "sender" if side == "send" else "receiver"
-    faults = Faults([usage_guard(prog, args.json, who, functools.partial(parse_fault, spec, side))
-                     for spec in args.fault], side)
-    if args.tls is None:
+    """The --fault flags as the side's Faults; a SPEC that is malformed, or that could never
+    strike with these options, is the one-line usage error."""
+    def build() -> Faults:
+        faults = Faults([parse_fault(spec, side) for spec in args.fault], side)
         for fault in faults.faults:
-            if fault.action.startswith("tls-"):
-                usage_guard(prog, args.json, who, functools.partial(
-                    _raise_usage, f"--fault {fault}: a TLS fault needs --tls"))
-    return faults
+            if args.tls is None and fault.action.startswith("tls-"):
+                raise UsageError(f"--fault {fault}: a TLS fault needs --tls")
+        if side == "send":
+            faults.check_channels(args.channels)
+        return faults
 
-
-def _raise_usage(message: str):
-    raise UsageError(message)
+    return usage_guard(prog, args.json, "sender" if side == "send" else "receiver", build)
 
 
 def timeouts_from(args) -> Timeouts:

@@ -131,6 +131,10 @@ def parse(spec: str, side: str) -> Fault:
         _check_crash(params, where, bad)
     if action in HELLO_FAULTS + ("corrupt-header", "corrupt-payload") and where == "all":
         raise bad(f"{action} needs a channel (@N or @control)")
+    if action in ("corrupt-header", "corrupt-payload") and where == "control":
+        raise bad("the control channel carries no packets (name a data channel, @N)")
+    if action == "full-disk" and where != "all":
+        raise bad("full-disk strikes the output file, not a channel (leave out @)")
     if side == "recv" and action.startswith("tls-") and where != "all":
         raise bad("the receiver cannot tell channels apart before their TLS handshake: "
                   "its TLS faults hit every connection (leave out @)")
@@ -192,6 +196,13 @@ class Faults:
 
     def __bool__(self) -> bool:
         return bool(self.faults)
+
+    def check_channels(self, channels: int) -> None:
+        """Refuse a fault aimed at a data channel that this migration will not have."""
+        for fault in self.faults:
+            if fault.where.isdigit() and int(fault.where) >= channels:
+                raise E.UsageError(f"--fault {fault}: there is no data channel {fault.where} "
+                                   f"(--channels {channels}: 0..{channels - 1})")
 
     def _find(self, actions, label: str | None = None) -> Fault | None:
         for fault in self.faults:

@@ -36,6 +36,9 @@ TLS_DRAIN = 1.0  # how long a refused TLS peer gets to read our alert
 
 
 class Registry:
+    """The migration's channels, as their hellos claim them: claim() reserves a slot, fill()
+    hands the established connection over, and the Registry closes it in close_all()."""
+
     def __init__(self) -> None:
         self.session_id: bytes | None = None
         self.channels = 0

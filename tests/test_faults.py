@@ -71,6 +71,8 @@ def test_specs_parse(spec, side, expected):
     ("crash@2:phase=setup", "recv", "phase=setup happens once per process"),
     ("crash@control:phase=sync", "send", "the control channel has no rounds or syncs"),
     ("crash@control:round=0", "recv", "the control channel has no rounds or syncs"),
+    ("corrupt-header@control", "send", "the control channel carries no packets"),
+    ("full-disk@2:after=1M", "recv", "full-disk strikes the output file, not a channel"),
 ])
 def test_malformed_specs_say_what_is_wrong(spec, side, why):
     with pytest.raises(E.UsageError) as info:
@@ -85,6 +87,10 @@ def test_cli_rejects_a_malformed_spec_in_one_line(make_image):
     assert res.returncode == 2
     assert res.stderr == "multifd-send: --fault 'reset@1:after=soon': 'soon' is not a size " \
                          "(e.g. 4096, 64MiB, 1G, 500MB)\n"
+    res = run_sender("127.0.0.1:9", image, "--channels", "4", "--fault", "reset@4")
+    assert res.returncode == 2
+    assert res.stderr == "multifd-send: --fault reset@4: there is no data channel 4 " \
+                         "(--channels 4: 0..3)\n"
     res = subprocess.run([*cli("recv"), "--listen", "127.0.0.1:0", "--discard", "--fault",
                           "tls-stall"], capture_output=True, text=True, timeout=30)
     assert res.returncode == 2
