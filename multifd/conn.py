@@ -281,6 +281,9 @@ class TlsConn(Conn):
     def peer_common_name(self) -> str | None:
         return tls.common_name(self.sock.getpeercert())
 
+    def send_all(self, data) -> None:
+        self.sock.sendall(data)  # Python's timeout, not the kernel's, bounds TLS (see above)
+
     def send_parts(self, parts: list) -> None:
         scratch = self._scratch
         try:
