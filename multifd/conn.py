@@ -74,6 +74,7 @@ class Conn:
         self.timeout = seconds
 
     def _kernel_timeouts(self, seconds: float, *options: int) -> None:
+        seconds = max(seconds, 1e-6)  # a zero timeval would mean no timeout at all
         whole = int(seconds)
         timeval = struct.pack("ll", whole, int((seconds - whole) * 1e6))
         for option in options:
@@ -95,13 +96,22 @@ class Conn:
 
     def send_parts(self, parts: list) -> None:
         """Send header and payload views with one system call per IOV_BATCH parts (a packet
-        of alternating data and zero pages has hundreds of them; the kernel takes 1024)."""
-        for i in range(0, len(parts), IOV_BATCH):
-            self._send_group(parts[i:i + IOV_BATCH])
-
-    def _send_group(self, parts: list) -> None:
-        part = None
+        of alternating data and zero pages has hundreds of them; the kernel takes 1024), all
+        within one timeout of the call's start, as send_all()."""
         deadline = time.monotonic() + self.timeout
+        if len(parts) <= IOV_BATCH:
+            self._send_group(parts, deadline)
+            return
+        try:
+            for i in range(0, len(parts), IOV_BATCH):
+                if i:
+                    self._narrow_send_timeout(deadline)
+                self._send_group(parts[i:i + IOV_BATCH], deadline)
+        finally:
+            self._kernel_timeouts(self.timeout, socket.SO_SNDTIMEO)
+
+    def _send_group(self, parts: list, deadline: float) -> None:
+        part = None
         try:
             sent = self.sock.sendmsg(parts)
             for part in parts:
@@ -122,14 +132,18 @@ class Conn:
         bounded by the time left (the kernel's timeout, set for it and restored after)."""
         try:
             while view:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError("send timed out")
-                self._kernel_timeouts(left, socket.SO_SNDTIMEO)
+                self._narrow_send_timeout(deadline)
                 view = view[self.sock.send(view):]
         finally:
             view = None  # no view of the sender's window may outlive the call
             self._kernel_timeouts(self.timeout, socket.SO_SNDTIMEO)
+
+    def _narrow_send_timeout(self, deadline: float) -> None:
+        """Bound the next send by the time left until `deadline` (the caller restores it)."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("send timed out")
+        self._kernel_timeouts(left, socket.SO_SNDTIMEO)
 
     def recv_exactly(self, view: memoryview, what: str) -> None:
         recv_into = self.sock.recv_into

@@ -1,0 +1,264 @@
+"""multifd/pump.py: BlockSender to BlockReceiver over socketpairs, through a real image file.
+
+The image is small (4 KiB pages, 4-page blocks) with a known pattern of zero and data pages
+and a partial last page, so every count the pumps keep can be checked against the pattern.
+Covers: the output equals the input, both sides' digests and counters, ExactlyOnce's proof,
+a corrupted payload and packets out of their round or their order.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+
+import pytest
+import trio
+
+from multifd import errors as E
+from multifd import wire
+from multifd.conn import Conn
+from multifd.digest import image_digest
+from multifd.errors import Stage
+from multifd.faults import Faults, parse
+from multifd.image import OutputFile, SourceImage
+from multifd.pump import BlockReceiver, BlockSender, ExactlyOnce, totals
+from multifd.settings import Timeouts
+from multifd.side import Side
+
+PAGE = 4096
+BLOCK_PAGES = 4
+TAIL = 1234  # bytes in the image's partial last page
+FAST = Timeouts(connect=1, handshake=1, idle=5)
+RECEIVER = Side("receiver", FAST)
+
+# Per block: D = data page, Z = zero page, H = data page whose first word is zero.
+PATTERN = ["DZDZ", "ZZZZ", "HDDD", "ZDDZ", "DZZD", "ZZDD"]
+# The last block: two full pages and the partial one, under each rule for that page.
+TAILS = {
+    "data": ("DZ", "D", 0),  # (full pages, tail kind, tail counted as zero)
+    "zero-after-zero": ("DZ", "Z", 1),  # zero as part of a zero run that reaches it
+    "zero-alone": ("ZD", "Z", 0),  # alone it travels as data
+}
+
+
+class Image:
+    def __init__(self, path: str, data: bytes, zero_pages: int) -> None:
+        self.path = path
+        self.data = data
+        self.zero_pages = zero_pages
+        self.session = wire.Session(len(data), PAGE, BLOCK_PAGES)
+        self.npages = -(-len(data) // PAGE)
+
+
+def _page(kind: str, rng: random.Random, size: int = PAGE) -> bytes:
+    if kind == "Z":
+        return bytes(size)
+    data = rng.randbytes(size)
+    return bytes(8) + data[8:] if kind == "H" else data
+
+
+@pytest.fixture
+def image(request, tmp_path) -> Image:
+    """The image, with the partial last page of the kind the test names (default: data)."""
+    tail = getattr(request, "param", "data")
+    full, tail_kind, tail_zero = TAILS[tail]
+    rng = random.Random(tail)
+    pages = "".join(PATTERN) + full
+    data = b"".join(_page(k, rng) for k in pages) + _page(tail_kind, rng, TAIL)
+    assert len(data) % PAGE  # not a whole number of pages
+    path = tmp_path / "source.img"
+    path.write_bytes(data)
+    return Image(str(path), data, pages.count("Z") + tail_zero)
+
+
+@pytest.fixture
+def links():
+    """make(faults=...) -> (sender's Conn, receiver's Conn) over a fresh socketpair."""
+    socks = []
+
+    def make(faults: Faults = Faults(), label: str = "data channel 0"):
+        a, b = socket.socketpair()
+        socks.extend((a, b))
+        return (Conn(a, label, side=Side("sender", FAST, faults=faults), timeout=5),
+                Conn(b, label, side=RECEIVER, timeout=5))
+
+    yield make
+    for s in socks:
+        s.close()
+
+
+async def _send(sender: BlockSender, ranges, rounds: int = 1) -> None:
+    conn = sender.conn
+    for first, last in ranges:
+        await conn.run(Stage.DATA, sender.send_blocks, first, last, 0)
+    await conn.run(Stage.SYNC, sender.send_marker, wire.PacketKind.SYNC, 0)
+    await conn.run(Stage.FINISH, sender.finish, rounds)
+
+
+async def _receive(receiver: BlockReceiver, markers: list) -> None:
+    conn = receiver.conn
+    markers.append(await conn.run(Stage.DATA, receiver.receive_round, 0))
+    markers.append(await conn.run(Stage.DATA, receiver.receive_round, 1))
+
+
+def _read(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("image", list(TAILS), indirect=True)
+async def test_two_channels_deliver_the_image_whole(image, links, tmp_path):
+    session = image.session
+    assert session.nblocks == 7
+    out = tmp_path / "out.img"
+    split = [[(0, 2), (2, 4)], [(4, 7)]]  # channel 0 takes two hops, channel 1 one
+    markers: list = []
+    with SourceImage(image.path) as source, OutputFile(str(out), session.image_size) as output:
+        arrivals = ExactlyOnce(session.nblocks)
+        senders, receivers = [], []
+        for channel in range(2):
+            tx, rx = links(label=f"data channel {channel}")
+            senders.append(BlockSender(tx, source, session))
+            receivers.append(BlockReceiver(rx, session, output, arrivals, channel=channel))
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                for channel in range(2):
+                    nursery.start_soon(_send, senders[channel], split[channel])
+                    nursery.start_soon(_receive, receivers[channel], markers)
+        arrivals.check(sum(r.counters.blocks for r in receivers))
+        output.publish()
+    assert _read(out) == image.data
+
+    kinds = sorted((m.kind, m.round) for m in markers)
+    assert kinds == [(wire.PacketKind.SYNC, 0)] * 2 + [(wire.PacketKind.END, 1)] * 2
+
+    sent_sum, sent = totals(senders)
+    got_sum, got = totals(receivers)
+    reference = image_digest(
+        (b, image.data[b * session.block_bytes:(b + 1) * session.block_bytes])
+        for b in range(session.nblocks))
+    assert sent_sum.digest() == got_sum.digest() == reference
+    for counters in (sent, got):
+        assert counters.blocks == counters.packets == 7
+        assert counters.pages == image.npages == 27
+        assert counters.zero_pages == image.zero_pages
+        # every data page travels whole, the partial last page zero-padded
+        assert counters.payload_bytes == (image.npages - image.zero_pages) * PAGE
+        assert counters.image_bytes == len(image.data)
+
+
+async def test_send_blocks_returns_the_payload_it_sent(image, links):
+    session = image.session
+    tx, rx = links()
+    with SourceImage(image.path) as source:
+        sender = BlockSender(tx, source, session)
+        with trio.fail_after(5):
+            # block 1 is all zero pages: nothing but the header travels
+            assert await tx.run(Stage.DATA, sender.send_blocks, 1, 2, 0) == 0
+            assert await tx.run(Stage.DATA, sender.send_blocks, 0, 1, 0) == 2 * PAGE
+    assert (sender.seq, sender.counters.zero_pages, sender.counters.pages) == (2, 6, 8)
+
+
+def test_exactly_once_proves_every_block_came_once():
+    arrivals = ExactlyOnce(4)
+    for block in (2, 0, 3, 1):
+        arrivals.arrived(block, 0)
+    arrivals.check(4)
+    with pytest.raises(E.VerificationError, match=r"^verify: received 5 blocks covering 4 of "
+                                                  r"the 4 blocks \(expected each exactly once\)$"):
+        arrivals.check(5)
+
+
+def test_exactly_once_a_duplicate_cannot_stand_in_for_a_missing_block():
+    arrivals = ExactlyOnce(4)
+    for block in (0, 1, 1, 3):
+        arrivals.arrived(block, 0)
+    with pytest.raises(E.VerificationError, match=r"received 4 blocks covering 3 of the 4 "
+                                                  r"blocks \(expected each exactly once\)"):
+        arrivals.check(4)
+
+
+async def test_a_block_sent_twice_and_one_never_fails_the_check(image, links):
+    session = image.session
+    tx, rx = links()
+    arrivals = ExactlyOnce(session.nblocks)
+    markers: list = []
+    with SourceImage(image.path) as source:
+        sender = BlockSender(tx, source, session)
+        receiver = BlockReceiver(rx, session, None, arrivals)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                # block 3 twice, block 5 never: as many blocks as the image has
+                nursery.start_soon(_send, sender, [(0, 4), (3, 5), (6, 7)])
+                nursery.start_soon(_receive, receiver, markers)
+    assert receiver.counters.blocks == session.nblocks
+    with pytest.raises(E.VerificationError, match=r"received 7 blocks covering 6 of the 7 "
+                                                  r"blocks \(expected each exactly once\)"):
+        arrivals.check(receiver.counters.blocks)
+
+
+async def test_a_corrupted_payload_is_a_checksum_mismatch_and_never_written(image, links,
+                                                                           tmp_path):
+    session = image.session
+    tx, rx = links(faults=Faults([parse("corrupt-payload@0:packet=2", "send")]))
+    with SourceImage(image.path) as source, \
+            OutputFile(str(tmp_path / "out.img"), session.image_size) as output:
+        sender = BlockSender(tx, source, session)
+        receiver = BlockReceiver(rx, session, output, ExactlyOnce(session.nblocks))
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_send, sender, [(0, session.nblocks)])
+                with pytest.raises(E.ChecksumMismatch) as caught:
+                    await rx.run(Stage.DATA, receiver.receive_round, 0)
+                nursery.cancel_scope.cancel()
+        written = os.pread(output.fd, session.image_size, 0)
+    bb = session.block_bytes
+    assert str(caught.value).startswith(f"data channel 0, data: packet 2 (offset {2 * bb}): "
+                                        f"checksum ")
+    assert written[:2 * bb] == image.data[:2 * bb]  # the blocks before it are written
+    assert written[2 * bb:3 * bb] == bytes(bb)  # the corrupted one is not
+    assert receiver.counters.blocks == 2
+
+
+async def test_a_packet_of_another_round_is_a_protocol_error(image, links):
+    session = image.session
+    tx, rx = links()
+    with SourceImage(image.path) as source:
+        sender = BlockSender(tx, source, session)
+        receiver = BlockReceiver(rx, session, None, ExactlyOnce(session.nblocks))
+        with trio.fail_after(5):
+            await tx.run(Stage.DATA, sender.send_blocks, 0, 1, 0)
+            await tx.run(Stage.DATA, sender.send_blocks, 1, 2, 1)  # round 1 within round 0
+            with pytest.raises(E.RemoteProtocolError) as caught:
+                await rx.run(Stage.DATA, receiver.receive_round, 0)
+    assert str(caught.value) == "data channel 0, data: packet 1 is for round 1 (expected round 0)"
+    assert receiver.counters.blocks == 1
+
+
+async def test_an_end_of_the_wrong_round_is_a_protocol_error(image, links):
+    session = image.session
+    tx, rx = links()
+    with SourceImage(image.path) as source:
+        sender = BlockSender(tx, source, session)
+        receiver = BlockReceiver(rx, session, None, ExactlyOnce(session.nblocks))
+        with trio.fail_after(5):
+            await tx.run(Stage.FINISH, sender.finish, 3)
+            with pytest.raises(E.RemoteProtocolError,
+                               match=r"packet 0 is for round 3 \(expected round 0\)$"):
+                await rx.run(Stage.DATA, receiver.receive_round, 0)
+
+
+async def test_a_packet_out_of_order_is_a_protocol_error(image, links):
+    session = image.session
+    tx, rx = links()
+    with SourceImage(image.path) as source:
+        sender = BlockSender(tx, source, session)
+        receiver = BlockReceiver(rx, session, None, ExactlyOnce(session.nblocks))
+        with trio.fail_after(5):
+            await tx.run(Stage.DATA, sender.send_blocks, 0, 1, 0)
+            sender.seq += 1  # packet 1 lost
+            await tx.run(Stage.DATA, sender.send_blocks, 1, 2, 0)
+            with pytest.raises(E.RemoteProtocolError,
+                               match=r"packet number 2 \(expected 1\)$"):
+                await rx.run(Stage.DATA, receiver.receive_round, 0)
