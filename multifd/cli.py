@@ -49,7 +49,7 @@ def faults_from(prog: str, args, side: str) -> Faults:
     """The --fault flags as the side's Faults; a SPEC that is malformed, or that could never
     strike with these options, is the one-line usage error."""
     def build() -> Faults:
-        faults = Faults([parse_fault(spec, side) for spec in args.fault], side)
+        faults = Faults([parse_fault(spec, side) for spec in args.fault])
         for fault in faults.faults:
             if args.tls is None and fault.action.startswith("tls-"):
                 raise UsageError(f"--fault {fault}: a TLS fault needs --tls")
@@ -128,13 +128,14 @@ def run(prog: str, side: str, main, json_mode: bool, completed: list | None = No
         report = trio.run(_with_signals, main)
     except BaseException as exc:  # noqa: B036 - everything ends here, as one line
         err = first_error(exc)
+        if completed:
+            if not isinstance(err, (MultifdError, KeyboardInterrupt, SystemExit,
+                                    trio.Cancelled)):
+                _say(prog, side, f"after the outcome was decided: {_outcome(err, exc)[1]}")
+            return _print_report(completed[0], json_mode)
         if isinstance(err, SystemExit):
             raise
         code, text = _outcome(err, exc)
-        if completed:
-            if not isinstance(err, (MultifdError, KeyboardInterrupt, trio.Cancelled)):
-                _say(prog, side, f"after the outcome was decided: {text}")
-            return _print_report(completed[0], json_mode)
         _say(prog, side, text)
         if json_mode:
             print(Report(side, ok=False, error=text).to_json(), flush=True)

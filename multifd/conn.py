@@ -18,6 +18,7 @@ use both cores, where trio's own I/O path costs far more CPU per byte.
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import ssl
@@ -97,7 +98,8 @@ class Conn:
     def send_parts(self, parts: list) -> None:
         """Send header and payload views with one system call per IOV_BATCH parts (a packet
         of alternating data and zero pages has hundreds of them; the kernel takes 1024), all
-        within one timeout of the call's start, as send_all()."""
+        within one timeout of the call's start, as send_all(). (TlsConn has Python's timeout
+        per TLS write instead.)"""
         deadline = time.monotonic() + self.timeout
         if len(parts) <= IOV_BATCH:
             self._send_group(parts, deadline)
@@ -108,7 +110,7 @@ class Conn:
                     self._narrow_send_timeout(deadline)
                 self._send_group(parts[i:i + IOV_BATCH], deadline)
         finally:
-            self._kernel_timeouts(self.timeout, socket.SO_SNDTIMEO)
+            self._restore_send_timeout()
 
     def _send_group(self, parts: list, deadline: float) -> None:
         part = None
@@ -136,6 +138,12 @@ class Conn:
                 view = view[self.sock.send(view):]
         finally:
             view = None  # no view of the sender's window may outlive the call
+            self._restore_send_timeout()
+
+    def _restore_send_timeout(self) -> None:
+        """Undo _narrow_send_timeout(). On the way out of a failure the socket may be gone
+        (a reset closes it): the failure is the news, not this."""
+        with contextlib.suppress(OSError):
             self._kernel_timeouts(self.timeout, socket.SO_SNDTIMEO)
 
     def _narrow_send_timeout(self, deadline: float) -> None:

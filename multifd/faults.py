@@ -52,6 +52,7 @@ from . import errors as E
 from . import units
 from . import wire
 from .errors import Stage
+from .settings import ROUNDS
 
 CRASH_EXIT = 99
 ACTIONS = {
@@ -74,8 +75,6 @@ ACTIONS = {
 }
 PHASES = ("setup", "sync", "completion")
 PROCESS_PHASES = ("setup", "completion")
-# The sender sends one round (0) for now: a crash in a later round could never strike.
-ROUNDS = 1
 HELLO_FAULTS = ("bad-magic", "bad-version", "bad-session", "bad-channel", "dup-channel")
 
 
@@ -190,9 +189,8 @@ class Faults:
     The transport calls each seam once, where it does the thing the seam names; with no
     --fault every seam is a no-op that hands back what it was given."""
 
-    def __init__(self, faults=(), side: str = "send") -> None:
+    def __init__(self, faults=()) -> None:
         self.faults = tuple(faults)
-        self.side = side
 
     def __bool__(self) -> bool:
         return bool(self.faults)
@@ -215,8 +213,6 @@ class Faults:
     async def connect(self, label: str) -> None:
         """Before the channel connects (sender) or is admitted after its hello (receiver)."""
         if self._find(("refuse",), label):
-            if self.side == "send":
-                raise ConnectionRefusedError(errno.ECONNREFUSED, "refused (injected fault)")
             raise E.InjectedFault("refused (injected fault)")
         if delay := self._find(("delay",), label):
             await trio.sleep(delay.params.get("seconds", 5.0))
@@ -249,7 +245,7 @@ class Faults:
 
     def socket(self, label: str, sock):
         """The socket under an established channel, with its reset or stall, if any."""
-        fault = self._find(("reset", "stall"), label)
+        fault = self._find(("reset",), label) or self._find(("stall",), label)
         return sock if fault is None else TrippedSocket(sock, fault.action,
                                                         fault.params.get("after", 0))
 
@@ -349,7 +345,9 @@ class TrippedSocket:
     def send(self, data) -> int:
         view = memoryview(data).cast("B")
         n = self._trip(view.nbytes)
-        return self._sock.send(view[:n])
+        sent = self._sock.send(view[:n])
+        self._left += n - sent  # what the kernel did not take still counts as not sent
+        return sent
 
     def sendall(self, data) -> None:
         view = memoryview(data).cast("B")

@@ -66,7 +66,11 @@ class SourceImage:
         except BaseException as exc:
             # Finished frames in the traceback may still hold views of the window, and a
             # window with views cannot be closed: that BufferError would replace this error.
-            traceback.clear_frames(exc.__traceback__)
+            # The errors it was raised during, or from, hold frames too.
+            seen = exc
+            while seen is not None:
+                traceback.clear_frames(seen.__traceback__)
+                seen = seen.__context__ or seen.__cause__
             raise
         finally:
             window.close()

@@ -68,7 +68,7 @@ class ExactlyOnce:
         if blocks_received != self.nblocks or covered != self.nblocks:
             raise E.VerificationError(
                 f"received {blocks_received} blocks covering {covered} of the {self.nblocks} "
-                f"blocks (expected each exactly once)", stage=Stage.VERIFY)
+                f"blocks (expected each exactly once)", side="receiver", stage=Stage.VERIFY)
 
 
 class BlockSender:

@@ -7,10 +7,11 @@ Theory of operation:
    failure cancels the other attempts, is told to the receiver, and everything already
    established is closed.
 2. SESSION / READY on the control channel.
-3. A producer task hands batches of blocks to the channel tasks through an unbuffered memory
-   channel (backpressure: a batch is taken only by an idle channel). Each channel task sends
-   its batch from its worker thread, then SYNC and END. In 1 and 3 the control channel is
-   heeded (watched without reading): a receiver that gives up says why there.
+3. For each round (settings.ROUNDS), a producer task hands batches of blocks to the channel
+   tasks through an unbuffered memory channel (backpressure: a batch is taken only by an idle
+   channel); each channel task sends its batches from its worker thread, then its SYNC. After
+   the last round every channel sends END. In 1 and 3 the control channel is heeded (watched
+   without reading): a receiver that gives up says why there.
 4. COMPLETE (counts and the image digest) / DONE: the receiver verified and committed.
 The first error anywhere cancels the rest; control.conclude_failure tells the peer why, or
 reads the peer's reason when ours is only "the connection broke".
@@ -39,7 +40,7 @@ from .image import SourceImage
 from .pump import BlockSender, totals
 from .ratelimit import RateLimiter, batch_bytes_for
 from .report import Report, reporting_progress
-from .settings import BATCH_BYTES, DEFAULT_BLOCK_PAGES, DEFAULT_PAGE_SIZE, Timeouts
+from .settings import BATCH_BYTES, DEFAULT_BLOCK_PAGES, DEFAULT_PAGE_SIZE, ROUNDS, Timeouts
 from .side import Side
 
 
@@ -51,8 +52,10 @@ def _hello_exchange(conn: Conn, hello: wire.Hello) -> None:
             f"receiver rejected the hello: {wire.HELLO_STATUS_TEXT[status]}")
 
 
-def _reason(exc: OSError) -> str:
+def _reason(exc: OSError | E.TransportError) -> str:
     """trio reports failed connects as one OSError caused by a group of the attempts' errors."""
+    if isinstance(exc, E.MultifdError):  # e.g. a refusal the side's faults made up
+        return exc.message
     cause = exc.__cause__
     while isinstance(cause, BaseExceptionGroup):
         cause = cause.exceptions[0]
@@ -60,7 +63,7 @@ def _reason(exc: OSError) -> str:
         exc = cause
     if isinstance(exc, socket.gaierror):  # name resolution: its errno is not an OS errno
         return exc.strerror or str(exc)
-    return exc.strerror or (os.strerror(exc.errno) if exc.errno else str(exc))
+    return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
 async def _connect(host: str, port: int, label: str, side: Side) -> socket.socket:
@@ -72,7 +75,7 @@ async def _connect(host: str, port: int, label: str, side: Side) -> socket.socke
     except trio.TooSlowError:
         raise E.PeerTimeout(f"no connection to {format_address(host, port)} within "
                             f"{side.timeouts.connect:g}s", **where) from None
-    except OSError as exc:
+    except (OSError, E.TransportError) as exc:
         raise E.TransportError(f"cannot connect to {format_address(host, port)}: {_reason(exc)}",
                                **where) from None
     return socket.socket(fileno=stream.socket.detach())
@@ -157,9 +160,9 @@ async def open_sender_channels(host: str, port: int, session_id: bytes, channels
             conn.close()
 
 
-async def _channel_task(sender: BlockSender, batches, limiter: RateLimiter | None,
-                        round: int) -> None:
-    """One data channel's round: the batches it takes, then SYNC and END."""
+async def _channel_round(sender: BlockSender, batches, limiter: RateLimiter | None,
+                         round: int) -> None:
+    """One data channel's part of a round: the batches it takes, then its SYNC."""
     conn = sender.conn
     conn.side.faults.phase(Phase.ROUND, conn.label, round=round)
     async for first, last in batches:
@@ -171,7 +174,6 @@ async def _channel_task(sender: BlockSender, batches, limiter: RateLimiter | Non
             limiter.refund(budget - sent)
     await conn.run(Stage.SYNC, sender.send_marker, wire.PacketKind.SYNC, round)
     conn.side.faults.phase(Phase.SYNC, conn.label)
-    await conn.run(Stage.FINISH, sender.finish, round + 1)
 
 
 async def _produce(batches_tx, nblocks: int, batch_blocks: int) -> None:
@@ -180,23 +182,33 @@ async def _produce(batches_tx, nblocks: int, batch_blocks: int) -> None:
             await batches_tx.send((first, min(first + batch_blocks, nblocks)))
 
 
-async def _transfer(ctl: Conn, senders: list[BlockSender], max_bandwidth: float | None) -> None:
+async def _send_round(senders: list[BlockSender], limiter: RateLimiter | None,
+                      batch_blocks: int, round: int) -> None:
     """Every block once, in batches taken by whichever channel is idle (backpressure: the
-    memory channel holds nothing), the control channel heeded meanwhile."""
+    memory channel holds nothing); returns once every channel has sent its SYNC."""
+    batches_tx, batches_rx = trio.open_memory_channel(0)
+    with batches_rx:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_produce, batches_tx, senders[0].session.nblocks, batch_blocks)
+            for sender in senders:
+                nursery.start_soon(_channel_round, sender, batches_rx, limiter, round)
+
+
+async def _transfer(ctl: Conn, senders: list[BlockSender], max_bandwidth: float | None) -> None:
+    """Every round, then END on every channel, the control channel heeded meanwhile."""
     session = senders[0].session
     limiter = RateLimiter(max_bandwidth) if max_bandwidth else None
     per_hop = batch_bytes_for(max_bandwidth, BATCH_BYTES)
     # Spread small images over every channel rather than one batch on one channel.
     batch_blocks = max(1, min(per_hop // session.block_bytes,
                               -(-session.nblocks // len(senders))))
-    batches_tx, batches_rx = trio.open_memory_channel(0)
     # A receiver that fails says why on the control channel, even while our sends hang.
     async with control.heeding(ctl, Stage.DATA, None):
-        with batches_rx:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_produce, batches_tx, session.nblocks, batch_blocks)
-                for sender in senders:
-                    nursery.start_soon(_channel_task, sender, batches_rx, limiter, 0)
+        for round in range(ROUNDS):
+            await _send_round(senders, limiter, batch_blocks, round)
+        async with trio.open_nursery() as nursery:
+            for sender in senders:
+                nursery.start_soon(sender.conn.run, Stage.FINISH, sender.finish, ROUNDS)
 
 
 async def _complete(ctl: Conn, senders: list[BlockSender], rounds: int, side: Side):
@@ -255,7 +267,7 @@ async def send_image(host: str, port: int, path: str, *, channels: int = 4,
                     await control.send(ctl, Stage.SETUP, session)
                     await control.receive(ctl, Stage.SETUP, wire.Ready)
                     await _transfer(ctl, senders, max_bandwidth)
-                total, counters = await _complete(ctl, senders, 1, side)
+                total, counters = await _complete(ctl, senders, ROUNDS, side)
                 report = Report.finished(side.name, counters, session.image_size, channels,
                                          trio.current_time() - started, total.hexdigest())
                 if on_complete is not None:

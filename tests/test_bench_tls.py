@@ -397,7 +397,7 @@ def test_a_rawcopy_tls_receiver_rejects_a_client_certificate_from_another_ca(
     image = make_image(RAW_SIZE)
     proc, port = start_rawcopy_recv("--channels", "2", "--tls", pki["good"], "--discard")
     try:
-        sent = rawcopy_send(port, image, "--channels", "2", "--tls", pki["stranger"])
+        rawcopy_send(port, image, "--channels", "2", "--tls", pki["stranger"])
         code, stdout, stderr = finish(proc)
     finally:
         if proc.poll() is None:
@@ -405,7 +405,9 @@ def test_a_rawcopy_tls_receiver_rejects_a_client_certificate_from_another_ca(
             proc.communicate()
     assert code != 0 and stdout == ""
     assert "certificate" in stderr.lower(), stderr
-    assert sent.returncode != 0, sent.stdout
+    # Not asserted: the copier's sender exit. In TLS 1.3 a client's handshake is complete
+    # before the server has checked the client's certificate, and the minimal copier reads
+    # no reply: a small image can leave in full before the rejection comes back.
 
 
 def test_a_rawcopy_tls_stream_cut_without_a_tls_close_is_an_error(pki):

@@ -19,7 +19,7 @@ import trio.testing
 
 from multifd import conn as conn_module
 from multifd import errors as E
-from multifd.conn import Conn
+from multifd.conn import IOV_BATCH, Conn
 from multifd.errors import Stage
 from multifd.settings import Timeouts
 from multifd.side import Side
@@ -419,3 +419,23 @@ async def test_a_failed_call_frees_the_conn(pair):
             await ours.run(Stage.DATA, ours.recv_bytes, 1, "a byte")
         peer.sock.sendall(b"z")
         assert await ours.run(Stage.DATA, ours.recv_bytes, 1, "a byte") == b"z"
+
+
+@pytest.mark.parametrize("how", ["send_all", "send_parts"])
+async def test_an_injected_reset_mid_call_is_the_error_reported(how):
+    """A reset closes the socket mid-call: restoring the send timeout on the way out must not
+    replace the reset with 'Bad file descriptor'."""
+    from multifd.faults import TrippedSocket
+    a, b = socket.socketpair()
+    conn = Conn(TrippedSocket(a, "reset", 3), "data channel 0", side=Side("sender", Timeouts()),
+                timeout=5)
+    try:
+        with trio.fail_after(5), pytest.raises(E.InjectedFault,
+                                               match="reset by an injected fault"):
+            if how == "send_all":
+                await conn.run(Stage.DATA, conn.send_all, b"12345678")
+            else:  # more parts than one sendmsg takes: the multi-batch path
+                await conn.run(Stage.DATA, conn.send_parts, [b"x" * 10] * (IOV_BATCH + 88))
+    finally:
+        b.close()
+        a.close()

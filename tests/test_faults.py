@@ -527,11 +527,11 @@ async def test_no_task_thread_or_descriptor_outlives_a_faulted_migration(
                 side, "receiver", receive_image, listeners, str(outdir / "vm.img"),
                 timeouts=timeouts, log=lambda line: None,
                 tls=server_tls(pki) if tls else None,
-                faults=Faults([parse(s, "recv") for s in recv_faults], "recv")))
+                faults=Faults([parse(s, "recv") for s in recv_faults])))
             await side("sender", send_image, "127.0.0.1", port, image, channels=CHANNELS,
                        block_pages=64, timeouts=timeouts,
                        tls=client_tls(pki) if tls else None,
-                       faults=Faults([parse(s, "send") for s in send_faults], "send"))
+                       faults=Faults([parse(s, "send") for s in send_faults]))
     for listener in listeners:
         await listener.aclose()
     assert set(failures) == {"sender", "receiver"}, failures
