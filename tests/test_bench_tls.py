@@ -12,11 +12,11 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 
 import pytest
 
-from multifd.tools import bench, certs, rawcopy
+from conftest import wait_until
+from multifd.tools import bench, rawcopy
 
 BENCH = [sys.executable, "-m", "multifd.tools.bench"]
 MIB = 1 << 20
@@ -160,8 +160,10 @@ def test_raw_tls_case_sits_beside_its_multifd_case_and_needs_credentials(kind):
     assert ours in bench.CASES[i - 1:i + 2]
     assert raw in bench.TLS_CASES
     plain = f"raw-{kind}"
-    assert bench._case_list(f"{raw},{ours},{plain}") == tuple(
-        c for c in bench.CASES if c in (raw, ours, plain))
+    # in the bench's order (written out: not computed the way _case_list does it)
+    assert bench._case_list(f"{raw},{ours},{plain}") == {
+        "newfile": ("raw-newfile", "multifd-tls-newfile", "raw-tls-newfile"),
+        "discard": ("multifd-tls-discard", "raw-tls-discard", "raw-discard")}[kind]
 
 
 @pytest.mark.parametrize("case, primed, discard, tls", [
@@ -236,7 +238,8 @@ def test_tls_and_plain_cases_on_a_small_image(tmp_path):
         assert c["check"] == check + (", output identical" if case.endswith("-newfile") else "")
     for case in ("raw-newfile", "iperf3", "raw-discard"):
         assert r["cases"][case] == {"ok": None, "skipped": "not in --cases"}
-    assert all(q["gbps"] > 0 and q["pass"] in (True, False) for q in r["rate_goals"].values())
+    for q in r["rate_goals"].values():  # a measured rate, judged against its goal
+        assert q["gbps"] > 0 and q["pass"] is (q["gbps"] >= q["goal_gbps"]), q
     assert all(q["value"] > 0 for q in r["tls_ratios"].values())
     assert all(q["value"] is None for q in r["ratios"].values())
     # Neither the credentials, nor the image, nor any output is left behind.
@@ -291,14 +294,12 @@ def test_sigterm_mid_run_removes_the_credentials_and_its_processes(tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=bench_env(tmp_path))
     try:
         # Signal while a sender runs: the bench is then waiting for it, past any spawn.
-        deadline = time.monotonic() + 60
-        senders: list[int] = []
-        while not senders:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            children = _children(proc.pid)
-            senders = [p for p in children if "multifd-send" in _cmdline(p)
-                       or "send_cli" in _cmdline(p)]
-            time.sleep(0.005)
+        def sender_running() -> list[int]:
+            assert proc.poll() is None, proc.communicate()
+            return [p for p in _children(proc.pid)
+                    if "multifd-send" in _cmdline(p) or "send_cli" in _cmdline(p)]
+        wait_until(sender_running, 60, "a sender of the bench running", interval=0.005)
+        children = _children(proc.pid)
         assert len(os.listdir(tmp_path / "tmp")) == 1  # the credentials, while they serve
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
@@ -315,7 +316,7 @@ def test_sigterm_mid_run_removes_the_credentials_and_its_processes(tmp_path):
             os.kill(pid, 0)
 
 
-# -- multifd.tools.rawcopy --tls --------------------------------------------------------
+# -- multifd.tools.rawcopy --tls --------------------------------------------------------------
 
 RAWCOPY = [sys.executable, "-m", "multifd.tools.rawcopy"]
 RAW_TIMEOUT = 30
@@ -348,16 +349,10 @@ def rawcopy_send(port: int, image: str, *args: str) -> subprocess.CompletedProce
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory):
+def rawcopy_pki(pki):
     """good: the credentials of both sides; stranger: a client certificate (and key) from
     another CA, with the good CA so that the stranger does trust the receiver."""
-    root = tmp_path_factory.mktemp("rawcopy-pki")
-    ca, other = certs.new_ca(), certs.new_ca("another CA")
-    server = certs.new_server(ca, ["127.0.0.1"])
-    certs.write_set(str(root / "good"), ca=ca, server=server, client=certs.new_client(ca))
-    certs.write_set(str(root / "stranger"), ca=ca, ca_key=False,
-                    client=certs.new_client(other))
-    return {name: str(root / name) for name in ("good", "stranger")}
+    return {"good": pki.both, "stranger": pki.send_other_ca}
 
 
 # Not a multiple of the 512 KiB chunk, so the last chunk is a short one; 3 channels get
@@ -368,10 +363,10 @@ RAW_SIZE = 5 * (512 << 10) + 12345
 @pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain"])
 @pytest.mark.parametrize("channels", ["1", "3"])
 @pytest.mark.parametrize("discard", [False, True], ids=["newfile", "discard"])
-def test_rawcopy_copies_a_file(pki, make_image, tmp_path, tls, channels, discard):
+def test_rawcopy_copies_a_file(rawcopy_pki, make_image, tmp_path, tls, channels, discard):
     image = make_image(RAW_SIZE)
     out = tmp_path / "out.img"
-    secure = ["--tls", pki["good"]] if tls else []
+    secure = ["--tls", rawcopy_pki["good"]] if tls else []
     proc, port = start_rawcopy_recv("--channels", channels, *secure,
                                     *(["--discard"] if discard else [str(out)]))
     try:
@@ -393,7 +388,8 @@ def test_rawcopy_copies_a_file(pki, make_image, tmp_path, tls, channels, discard
 
 
 def test_a_rawcopy_tls_receiver_rejects_a_client_certificate_from_another_ca(
-        pki, make_image, tmp_path):
+        rawcopy_pki, make_image, tmp_path):
+    pki = rawcopy_pki
     image = make_image(RAW_SIZE)
     proc, port = start_rawcopy_recv("--channels", "2", "--tls", pki["good"], "--discard")
     try:
@@ -410,9 +406,10 @@ def test_a_rawcopy_tls_receiver_rejects_a_client_certificate_from_another_ca(
     # no reply: a small image can leave in full before the rejection comes back.
 
 
-def test_a_rawcopy_tls_stream_cut_without_a_tls_close_is_an_error(pki):
+def test_a_rawcopy_tls_stream_cut_without_a_tls_close_is_an_error(rawcopy_pki):
     """The sender's bytes all arrive, whole chunks, but its TCP stream ends with no TLS close:
     the receiver must not take that for the end of the data."""
+    pki = rawcopy_pki
     proc, port = start_rawcopy_recv("--channels", "1", "--tls", pki["good"], "--discard")
     try:
         ctx = ssl.create_default_context(cafile=os.path.join(pki["good"], "ca-cert.pem"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -11,8 +12,9 @@ import time
 
 import pytest
 
-from conftest import (cli, files_in, run_sender, start_receiver, unnamed_files_in,
-                      writing_into)
+from conftest import (assert_each_dropped, cli, files_in, run_sender, start_receiver,
+                      start_sender, strangers_during_a_migration, unnamed_files_in, wait_until,
+                      writing_into, written_into)
 
 MiB = 1 << 20
 
@@ -186,32 +188,39 @@ def test_receiver_usage_errors(tmp_path):
     assert files_in(tmp_path) == ["afile"]
 
 
+def assert_temporary_output_unseen(outdir) -> None:
+    """Mid-transfer the output directory shows nothing (an unnamed file), or, on a file system
+    without unnamed files, only the hidden temporary file."""
+    left = files_in(outdir)
+    if unnamed_files_in(outdir):
+        assert left == [], left
+    else:
+        assert len(left) == 1 and left[0].startswith(".guest.img.") and \
+            left[0].endswith(".part"), left
+
+
 def slow_migration(make_image, tmp_path):
-    """A migration under way for about 4 s (16 MiB at 4 MB/s) into tmp_path/out."""
+    """A migration under way into tmp_path/out for about 4 s (16 MiB at 4 MB/s): returned
+    once the receiver has written data (mid-transfer), with most of it still to come."""
     image = make_image(16 * MiB)
     outdir = tmp_path / "out"
     outdir.mkdir()
     recv = start_receiver(str(outdir / "guest.img"))
-    sender = subprocess.Popen([*cli("send"), recv.address, image, "--quiet",
-                               "--max-bandwidth", "4MB/s"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sender = start_sender(recv.address, image, "--max-bandwidth", "4MB/s")
+    wait_until(lambda: written_into(recv.proc, outdir), 20, "data written")
     return recv, sender, outdir
 
 
 def test_killed_sender_leaves_nothing_and_receiver_exits_1(make_image, tmp_path):
     recv, sender, outdir = slow_migration(make_image, tmp_path)
-    try:
-        time.sleep(1.5)  # mid-transfer: 16 MiB at 4 MB/s takes about 4 s
-        assert sender.poll() is None
-        assert writing_into(recv.proc, outdir)
-        assert files_in(outdir) == [] or not unnamed_files_in(outdir)
-        sender.send_signal(signal.SIGKILL)
-        killed = time.monotonic()
-        rc, _, stderr = recv.finish(timeout=15)
-        assert time.monotonic() - killed < 5
-    finally:
-        sender.kill()
-        sender.communicate()
+    assert sender.poll() is None
+    assert writing_into(recv.proc, outdir)
+    assert_temporary_output_unseen(outdir)
+    sender.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    rc, _, stderr = recv.finish(timeout=15)
+    assert time.monotonic() - killed < 5
+    sender.communicate()
     assert rc == 1
     line = [x for x in stderr.splitlines() if "listening" not in x]
     assert len(line) == 1 and "Traceback" not in stderr, stderr
@@ -221,36 +230,35 @@ def test_killed_sender_leaves_nothing_and_receiver_exits_1(make_image, tmp_path)
 
 
 def test_strangers_are_dropped_and_the_migration_completes(make_image, tmp_path):
-    image = make_image(12 * MiB)
+    image = make_image(8 * MiB)
     out = str(tmp_path / "guest.img")
     recv = start_receiver(out, "--handshake-timeout", "1")
-    sender = subprocess.Popen([*cli("send"), recv.address, image, "--quiet",
-                               "--max-bandwidth", "4MB/s"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sender = start_sender(recv.address, image, "--max-bandwidth", "4MB/s")
     strangers = []
-    try:
-        time.sleep(0.5)
-        host, port = recv.host, recv.port
-        for payload in (b"GET / HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\r\n",
-                        b"\xde\xad\xbe\xef" * 16,  # random bytes may start like TLS
-                        b"MFD1" + b"\x00\x01\x02\x00" + os.urandom(16) + bytes(8)):
-            s = socket.create_connection((host, port), timeout=5)
+
+    def connect():
+        for payload, says in (
+                (b"GET / HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\r\n", "bad magic"),
+                (b"\xde\xad\xbe\xef" * 16, "bad magic"),  # random bytes may start like TLS
+                (b"MFD1" + b"\x00\x01\x02\x00" + os.urandom(16) + bytes(8),
+                 "channel count 0 out of range"),
+                (b"", "no complete hello within 1s")):  # never speaks
+            s = socket.create_connection((recv.host, recv.port), timeout=5)
+            strangers.append((s, s.getsockname()[1], says))
             s.sendall(payload)
-            strangers.append(s)
-        silent = socket.create_connection((host, port), timeout=5)  # never speaks
-        strangers.append(silent)
-        out_s, err_s = sender.communicate(timeout=60)
+        return [(port, re.escape(says)) for _, port, says in strangers]
+
+    try:
+        met = strangers_during_a_migration(recv, sender, tmp_path, connect)
     finally:
-        sender.kill()
-        for s in strangers:
+        for s, _, _ in strangers:
             s.close()
+    _, err_s = sender.communicate(timeout=60)
     rc, _, stderr = recv.finish()
     assert sender.returncode == 0, err_s
     assert rc == 0, stderr
-    assert stderr.count("dropped") == 4, stderr
-    assert stderr.count("bad magic") == 2
-    assert "channel count 0 out of range" in stderr
-    assert "no complete hello within 1s" in stderr
+    assert len(met) == 4
+    assert_each_dropped(stderr, met)
     with open(image, "rb") as a, open(out, "rb") as b:
         assert a.read() == b.read()
 
@@ -258,15 +266,11 @@ def test_strangers_are_dropped_and_the_migration_completes(make_image, tmp_path)
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_to_the_receiver_cancels_cleanly(make_image, tmp_path, sig, code):
     recv, sender, outdir = slow_migration(make_image, tmp_path)
-    try:
-        time.sleep(1.5)
-        assert writing_into(recv.proc, outdir)
-        assert files_in(outdir) == [] or not unnamed_files_in(outdir)
-        recv.proc.send_signal(sig)
-        rc, _, stderr = recv.finish(timeout=15)
-        _, send_err = sender.communicate(timeout=15)
-    finally:
-        sender.kill()
+    assert writing_into(recv.proc, outdir)
+    assert_temporary_output_unseen(outdir)
+    recv.proc.send_signal(sig)
+    rc, _, stderr = recv.finish(timeout=15)
+    _, send_err = sender.communicate(timeout=15)
     assert rc == code, stderr
     assert "Traceback" not in stderr and "Traceback" not in send_err
     assert sender.returncode == 1

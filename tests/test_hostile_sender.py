@@ -8,7 +8,7 @@ import socket
 import time
 import uuid
 
-from conftest import files_in, run_sender, start_receiver
+from conftest import files_in, run_sender, start_receiver, wait_until_idle
 from multifd import wire
 from multifd.digest import DigestSum, block_term, term_bytes
 
@@ -78,7 +78,7 @@ def test_ctrl_c_while_waiting_on_the_control_channel(tmp_path):
     recv = start_receiver(str(tmp_path / "out.img"), "--idle-timeout", "30")
     control, data = _open_migration(recv.port, 1)  # ... and never send SESSION
     try:
-        time.sleep(0.3)
+        wait_until_idle(recv.proc)  # every thread asleep: waiting for SESSION
         recv.proc.send_signal(signal.SIGINT)
         start = time.monotonic()
         rc, _, stderr = recv.finish(timeout=20)
@@ -118,7 +118,7 @@ def test_a_trickled_hello_is_dropped_at_the_hello_deadline(make_image, tmp_path)
             except OSError:
                 closed_after = time.monotonic() - start
                 break
-            time.sleep(0.3)
+            time.sleep(0.3)  # the scenario: a byte now and then
         if closed_after is None:  # all but the last byte went out: the socket must be closed
             assert trickle.recv(1) == b""
             closed_after = time.monotonic() - start
@@ -147,7 +147,9 @@ def test_working_is_refused_outside_the_wait_for_done(tmp_path):
 def test_data_hellos_without_a_session_hold_their_pending_slot(tmp_path):
     """A flood of complete data hellos for sessions that never come is bounded too."""
     from multifd.registry import MAX_PENDING
-    recv = start_receiver("--discard", "--handshake-timeout", "5")
+    # A handshake timeout far longer than the flood takes to arrive on a busy machine: no
+    # slot may free up before the last connections come.
+    recv = start_receiver("--discard", "--handshake-timeout", "30")
     flood = []
     try:
         for _ in range(MAX_PENDING + 3):
@@ -201,7 +203,7 @@ def test_a_signal_ends_a_control_message_trickled_byte_by_byte(tmp_path):
     try:
         for byte in frame[:4]:
             control.sendall(bytes([byte]))
-            time.sleep(0.3)
+            time.sleep(0.3)  # the scenario: a byte now and then, within the 2 s grace period
         recv.proc.send_signal(signal.SIGTERM)
         start = time.monotonic()
         rc, _, stderr = recv.finish(timeout=20)

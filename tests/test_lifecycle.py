@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
+import socket
 import uuid
 from contextlib import asynccontextmanager
 
 import pytest
 import trio
 
+from conftest import tcp_sockets_of, trio_wait_until
 from multifd import errors as E
 from multifd import wire
 from multifd.recv import open_listeners, receive_image
@@ -25,52 +26,11 @@ from multifd.side import Side
 
 FAST = Timeouts(connect=2, handshake=1, idle=3)
 SENDER = Side("sender", FAST)
-PKG = os.path.dirname(E.__file__)
-
-
-def threads_in_our_code() -> list[str]:
-    found = []
-    for ident, frame in sys._current_frames().items():
-        f = frame
-        while f is not None:
-            if f.f_code.co_filename.startswith(PKG) and ident != _main_ident:
-                found.append(f"{f.f_code.co_filename}:{f.f_lineno}")
-                break
-            f = f.f_back
-    return found
-
-
-_main_ident = None
 
 
 def _read(path) -> bytes:
     with open(path, "rb") as f:
         return f.read()
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-@pytest.fixture
-async def clean():
-    """Assert that the test leaves no busy thread and no open descriptor behind."""
-    global _main_ident
-    import threading
-    _main_ident = threading.get_ident()
-    before = open_fds()
-    yield
-    with trio.fail_after(5):
-        while threads_in_our_code():
-            await trio.sleep(0.01)
-    assert open_fds() == before
-
-
-@pytest.fixture
-def image(tmp_path):
-    path = tmp_path / "img"
-    path.write_bytes(os.urandom(3 << 20))
-    return str(path)
 
 
 async def _listen():
@@ -97,32 +57,52 @@ async def test_migration_in_process_and_cleanup(clean, image, tmp_path):
 
 
 async def test_data_channels_before_control(clean, image, tmp_path):
-    """Channels are told apart by their hello, not arrival order (QEMU's mistake)."""
+    """Channels are told apart by their hello, not arrival order (QEMU's mistake): data
+    channels whose hellos the receiver has read before any control channel exists wait,
+    unanswered, and are taken once their control channel comes."""
     listeners, port = await _listen()
     out = str(tmp_path / "out")
     sid = uuid.uuid4().bytes
     n = 3
-    logs = []
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(lambda: receive_image(listeners, out, timeouts=FAST,
-                                                     log=logs.append))
-            conns = {}
-
-            async def data(i):
-                conns[i] = await dial("127.0.0.1", port,
-                                      wire.Hello(wire.Role.DATA, sid, i, n), SENDER)
-            async with trio.open_nursery() as dials:
+    data = []
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lambda: receive_image(listeners, out, timeouts=FAST,
+                                                         log=lambda line: None))
                 for i in range(n):
-                    dials.start_soon(data, i)
-                await trio.sleep(0.3)  # every data channel is waiting at the receiver
-                assert not conns
-                conns["control"] = await dial(
-                    "127.0.0.1", port, wire.Hello(wire.Role.CONTROL, sid, 0, n), SENDER)
-            assert len(conns) == n + 1
-            for conn in conns.values():
-                conn.close()
-            nursery.cancel_scope.cancel()
+                    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+                    data.append(sock)
+                    sock.sendall(wire.encode_hello(wire.Hello(wire.Role.DATA, sid, i, n)))
+                    sock.setblocking(False)
+                ours = {sock.getsockname()[1] for sock in data}
+
+                def hellos_read() -> bool:
+                    """Every data hello delivered (nothing unacknowledged on our ends) and
+                    read (nothing unread on the receiver's)."""
+                    mine = [t for t in tcp_sockets_of(port, "client") if t.local_port in ours]
+                    theirs = [t for t in tcp_sockets_of(port) if t.remote_port in ours]
+                    return len(mine) == len(theirs) == n and not any(
+                        t.tx_queue for t in mine) and not any(t.rx_queue for t in theirs)
+                await trio_wait_until(hellos_read, 10, "the receiver read the data hellos")
+                for sock in data:  # and answered none: no session is known yet
+                    with pytest.raises(BlockingIOError):
+                        sock.recv(wire.HELLO_REPLY.size)
+                control = await dial("127.0.0.1", port,
+                                     wire.Hello(wire.Role.CONTROL, sid, 0, n), SENDER)
+                for sock in data:
+                    reply = b""
+                    stream = trio.socket.from_stdlib_socket(sock)
+                    while len(reply) < wire.HELLO_REPLY.size:
+                        chunk = await stream.recv(wire.HELLO_REPLY.size - len(reply))
+                        assert chunk, "the receiver closed a data channel"
+                        reply += chunk
+                    assert wire.decode_hello_reply(reply) is wire.HelloStatus.OK
+                control.close()
+                nursery.cancel_scope.cancel()
+    finally:
+        for sock in data:
+            sock.close()
     for listener in listeners:
         await listener.aclose()
     assert not os.path.exists(out)
@@ -157,18 +137,29 @@ async def test_rejected_hellos_name_the_reason(clean, tmp_path):
             reply = await s.recv(8)
             assert wire.decode_hello_reply(reply) is wire.HelloStatus.BAD_CHANNEL
             s.close()
-            while len([m for m in logs if "dropped" in m]) < 5:
-                await trio.sleep(0.01)
+            await trio_wait_until(lambda: len([m for m in logs if "dropped" in m]) >= 5, 10,
+                                  "5 dropped connections logged")
             control.close()
             good.close()
             nursery.cancel_scope.cancel()
     for listener in listeners:
         await listener.aclose()
-    assert len([m for m in logs if "dropped" in m]) == 5, logs
+    # One drop line per rejected hello, each naming the channel it claimed and the reason.
+    dropped = [m for m in logs if "dropped" in m]
+    expected = [("data channel 1", "unknown session"), ("data channel 0", "duplicate channel id"),
+                ("data channel 1", "out of range"), ("control channel", "busy"),
+                ("connection", "channel id 2 out of range")]
+    assert len(dropped) == len(expected), logs
+    for label, reason in expected:
+        assert [m for m in dropped if m.startswith(f"dropped {label} from 127.0.0.1:")
+                and reason in m.split(": hello: ", 1)[1]], (label, reason, logs)
 
 
-async def _fake_receiver(listener, *, reject_channel=None, read_data=True):
-    """Speaks just enough protocol: hellos (optionally rejecting one), READY, then silence."""
+async def _fake_receiver(listener, *, reject_channel=None):
+    """Speaks just enough protocol: hellos (optionally rejecting one, once every other data
+    channel was accepted), READY, then silence."""
+    answered = []  # the data channels accepted
+    others_answered = trio.Event()
     async with trio.open_nursery() as nursery:
         while True:
             stream = await listener.accept()
@@ -180,10 +171,14 @@ async def _fake_receiver(listener, *, reject_channel=None, read_data=True):
             async def speak(stream):
                 hello = wire.decode_hello(await _recv_exactly(stream, wire.HELLO.size))
                 if hello.role is wire.Role.DATA and hello.channel == reject_channel:
-                    await trio.sleep(0.2)  # let the others get going first
+                    await others_answered.wait()  # the others are established: they get going
                     await stream.send_all(wire.encode_hello_reply(wire.HelloStatus.BAD_CHANNEL))
                     return
                 await stream.send_all(wire.encode_hello_reply(wire.HelloStatus.OK))
+                if hello.role is wire.Role.DATA:
+                    answered.append(hello.channel)
+                    if len(answered) == hello.channels - 1:
+                        others_answered.set()
                 if hello.role is wire.Role.CONTROL:
                     await _recv_exactly(stream, wire.FRAME.size + wire.SESSION.size)
                     await stream.send_all(wire.encode_control(wire.Ready()))
@@ -218,13 +213,6 @@ async def test_one_rejected_channel_fails_setup_and_closes_the_rest(clean, image
         with pytest.raises(E.RemoteProtocolError) as info:
             await send_image("127.0.0.1", port, image, channels=8, timeouts=FAST)
     assert info.value.channel == "data channel 5" and info.value.stage == "hello"
-
-
-@pytest.fixture
-def big_image(tmp_path):
-    big = tmp_path / "big"
-    big.write_bytes(os.urandom(64 << 20))
-    return str(big)
 
 
 async def test_cancel_while_the_receiver_stopped_reading(clean, big_image):

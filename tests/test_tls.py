@@ -1,14 +1,14 @@
 """Mutual TLS through the real CLIs with real certificates: QEMU's x509 test matrix.
 
 Every failing case is followed by a good migration to the same receiver: a failed handshake is
-a stranger at the door, and the receiver's wait for a real migration goes on (it then exits 0,
-which also guarantees that its log of the failure is complete when we read it).
+a stranger at the door, and the receiver's wait for a real migration goes on (the good sender
+starts once the receiver has logged the stranger's drop).
 """
 
 from __future__ import annotations
 
-import datetime
 import os
+import re
 import shutil
 import signal
 import socket
@@ -16,12 +16,13 @@ import ssl
 import subprocess
 import time
 import uuid
-from types import SimpleNamespace
 
 import pytest
 import trio
 
-from conftest import cli, files_in, run_sender, start_receiver
+from conftest import (assert_each_dropped, cli, files_in, run_sender, start_receiver,
+                      start_sender, strangers_during_a_migration, tcp_sockets_of,
+                      trio_wait_until, wait_until, written_into)
 from multifd import wire
 from multifd import errors as E
 from multifd.digest import DigestSum, block_term, term_bytes
@@ -29,51 +30,10 @@ from multifd.send import send_image
 from multifd.settings import Timeouts
 from multifd import tls as T
 from multifd.tls import client_tls, server_tls
-from multifd.tools import certs
-from test_lifecycle import clean  # noqa: F401 - the fixture
 
-DAY = datetime.timedelta(days=1)
-QUICK = ("--handshake-timeout", "5", "--idle-timeout", "10")
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    """Credential directories for every case, each as a user would lay it out."""
-    root = tmp_path_factory.mktemp("pki")
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca, other = certs.new_ca(), certs.new_ca("another CA")
-    server = certs.new_server(ca, ["localhost", "127.0.0.1", "::1"])
-    client = certs.new_client(ca)
-
-    def directory(name: str, *, trust=ca, server=None, client=None) -> str:
-        path = str(root / name)
-        certs.write_set(path, ca=trust, ca_key=False, server=server, client=client)
-        return path
-
-    return SimpleNamespace(
-        recv=directory("recv", server=server),
-        send=directory("send", client=client),
-        both=directory("both", server=server, client=client),
-        recv_named=directory("recv-named", server=certs.new_server(ca, ["migration.example"])),
-        recv_other_ca=directory("recv-other-ca", trust=other,
-                                server=certs.new_server(other, ["127.0.0.1"])),
-        recv_expired=directory("recv-expired", server=certs.new_server(
-            ca, ["127.0.0.1"], not_before=now - 10 * DAY, days=1)),
-        recv_future=directory("recv-future", server=certs.new_server(
-            ca, ["127.0.0.1"], not_before=now + DAY)),
-        send_for_other_ca=directory("send-for-other-ca", trust=other,
-                                    client=certs.new_client(other)),
-        send_no_cert=directory("send-no-cert"),
-        send_other_ca=directory("send-other-ca", client=certs.new_client(other)),
-        send_mallory=directory("send-mallory", client=certs.new_client(ca, "mallory")),
-        send_expired=directory("send-expired", client=certs.new_client(
-            ca, not_before=now - 10 * DAY, days=1)),
-    )
-
-
-@pytest.fixture
-def image(make_image):
-    return make_image(3 << 20, "mixed")
+# A handshake timeout far above any refusal's time: a refusal that waited for it shows.
+QUICK = ("--handshake-timeout", "20", "--idle-timeout", "20")
+REFUSAL_BOUND = 10  # seconds for a refused sender, its start-up included
 
 
 def one_line(stderr: str) -> str:
@@ -82,27 +42,23 @@ def one_line(stderr: str) -> str:
     return lines[0]
 
 
-def refused(pki, image, tmp_path, recv_args, send_args, good_send_args=None,
-            address=None):
-    """A sender that must fail against a TLS receiver that must go on; returns both stderrs."""
+def refused(pki, image, tmp_path, recv_args, send_args, good_send_args=None):
+    """A sender that must fail against a TLS receiver that must go on; returns the failed
+    sender's one line and the receiver's stderr."""
     out = str(tmp_path / "out.img")
     recv = start_receiver(out, *QUICK, *recv_args)
-    try:
-        start = time.monotonic()
-        bad = run_sender(address or recv.address, image, *QUICK, *send_args, timeout=30)
-        elapsed = time.monotonic() - start
-        assert bad.returncode == 1, bad.stderr
-        assert elapsed < 4, f"the failure took {elapsed:.1f}s: it waited for a timeout"
-        assert files_in(tmp_path) == [os.path.basename(image)]
-        good = run_sender(recv.address, image, *QUICK,
-                          *(good_send_args if good_send_args is not None
-                            else ("--tls", pki.send)), timeout=30)
-        assert good.returncode == 0, good.stderr
-        rc, _, recv_err = recv.finish(timeout=30)
-    finally:
-        if recv.proc.poll() is None:
-            recv.proc.kill()
-            recv.proc.communicate()
+    start = time.monotonic()
+    bad = run_sender(recv.address, image, *QUICK, *send_args, timeout=30)
+    elapsed = time.monotonic() - start
+    assert bad.returncode == 1, bad.stderr
+    assert elapsed < REFUSAL_BOUND, f"the failure took {elapsed:.1f}s: it waited for a timeout"
+    recv.wait_for_stderr(r"dropped .* from 127\.0\.0\.1:")  # done with the stranger
+    assert files_in(tmp_path) == []
+    good = run_sender(recv.address, image, *QUICK,
+                      *(good_send_args if good_send_args is not None
+                        else ("--tls", pki.send)), timeout=30)
+    assert good.returncode == 0, good.stderr
+    rc, _, recv_err = recv.finish(timeout=30)
     assert rc == 0, recv_err
     with open(out, "rb") as got, open(image, "rb") as want:
         assert got.read() == want.read()
@@ -171,11 +127,9 @@ def test_receiver_certificate_from_an_untrusted_ca(pki, image, tmp_path):
 ])
 def test_receiver_certificate_out_of_its_validity(pki, image, tmp_path, which, expected):
     recv = start_receiver("--discard", "--tls", getattr(pki, which), *QUICK)
-    try:
-        bad = run_sender(recv.address, image, "--tls", pki.send, *QUICK, timeout=30)
-    finally:
-        recv.proc.send_signal(signal.SIGTERM)
-        rc, _, _ = recv.finish(timeout=20)
+    bad = run_sender(recv.address, image, "--tls", pki.send, *QUICK, timeout=30)
+    recv.proc.send_signal(signal.SIGTERM)
+    rc, _, _ = recv.finish(timeout=20)
     assert bad.returncode == 1 and expected in one_line(bad.stderr), bad.stderr
     assert rc == 143
 
@@ -310,18 +264,13 @@ def test_receiver_killed_mid_stream_the_sender_reports_why(pki, make_image, tmp_
     """A failed TLS send must not be hidden by the image window it was sending from."""
     image = make_image(48 << 20, "random")
     recv = start_receiver(str(tmp_path / "out.img"), "--tls", pki.recv, *QUICK)
-    sender = subprocess.Popen([*cli("send"), "--quiet", recv.address, image, "--tls",
-                               pki.send, "--max-bandwidth", "20MB/s", *QUICK],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        time.sleep(1.0)
-        recv.proc.send_signal(signal.SIGTERM)
-        rc, _, _ = recv.finish(timeout=20)
-        _, err = sender.communicate(timeout=20)
-    finally:
-        if sender.poll() is None:
-            sender.kill()
-            sender.communicate()
+    sender = start_sender(recv.address, image, "--tls", pki.send, "--max-bandwidth", "20MB/s",
+                          *QUICK)
+    # mid-stream: the receiver has written data (48 MiB at 20 MB/s take over 2 s)
+    wait_until(lambda: written_into(recv.proc, tmp_path), 20, "data written")
+    recv.proc.send_signal(signal.SIGTERM)
+    rc, _, _ = recv.finish(timeout=20)
+    _, err = sender.communicate(timeout=20)
     assert rc == 143
     assert sender.returncode == 1
     assert "receiver failed: terminated by SIGTERM" in one_line(err), err
@@ -352,14 +301,22 @@ async def test_a_failed_handshake_ends_setup_while_the_others_still_handshake(cl
                 while len(hello) < wire.HELLO.size:
                     hello += await control.receive_some(wire.HELLO.size - len(hello))
                 await control.send_all(wire.encode_hello_reply(wire.HelloStatus.OK))
-            if len(accepted) == 4:  # by now other data channels wait for their ServerHello
-                await trio.sleep(0.2)
-                await stream.send_all(b"HTTP/1.0 400 Bad Request\r\n\r\n")
+
+    async def break_one() -> None:
+        """Once every data channel is in its handshake (all 8 connected, each ClientHello
+        unread: this server answers none), one of them gets an answer that is not TLS."""
+        def all_handshaking() -> bool:
+            data = {stream.socket.getpeername()[1] for stream in accepted[1:]}
+            return len(data) == 8 and len([s for s in tcp_sockets_of(port)
+                                           if s.remote_port in data and s.rx_queue]) == 8
+        await trio_wait_until(all_handshaking, 10, "8 data channels in their handshakes")
+        await accepted[3].send_all(b"HTTP/1.0 400 Bad Request\r\n\r\n")
 
     start = trio.current_time()
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(serve)
+            nursery.start_soon(break_one)
             with pytest.raises(E.TlsError) as info:
                 await send_image("127.0.0.1", port, image, channels=8,
                                  timeouts=Timeouts(connect=2, handshake=5, idle=5),
@@ -422,68 +379,76 @@ def test_a_stream_cut_without_a_tls_close_is_an_error(pki, tmp_path):
 
 # ------------------------------------------------------------------ hostile strangers
 
-def _tls_stranger(address, ca: str | None, identity: str | None, hello: bytes = b"") -> None:
+def _tls_stranger(address, ca: str, identity: str | None, hello: bytes = b"") -> int:
     """A TLS client that may present a certificate and may send a hello, then reads until
-    the receiver closes on it (it must: every one of these is a stranger)."""
+    the receiver closes on it (it must: every one of these is a stranger). Returns its port."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.load_verify_locations(os.path.join(ca, T.CA_CERT))
     if identity is not None:
         ctx.load_cert_chain(os.path.join(identity, T.CLIENT_CERT),
                             os.path.join(identity, T.CLIENT_KEY))
-    with socket.create_connection(address, timeout=10) as raw, \
-            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
-        try:
-            s.sendall(hello)
-            while s.recv(4096):
-                pass
-        except (ssl.SSLError, ConnectionError):
-            pass  # the receiver's alert, or its reset: refused either way
+    with socket.create_connection(address, timeout=10) as raw:
+        port = raw.getsockname()[1]
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+            try:
+                s.sendall(hello)
+                while s.recv(4096):
+                    pass
+            except (ssl.SSLError, ConnectionError):
+                pass  # the receiver's alert, or its reset: refused either way
+    return port
 
 
-def test_strangers_are_dropped_and_the_tls_migration_completes(pki, make_image, tmp_path):
-    image = make_image(12 << 20)
+def test_strangers_are_dropped_and_the_tls_migration_completes(pki, shared_image, tmp_path):
+    image = shared_image(8 << 20)
     out = str(tmp_path / "guest.img")
     recv = start_receiver(out, "--tls", pki.recv, "--handshake-timeout", "1")
-    sender = subprocess.Popen([*cli("send"), recv.address, image, "--quiet", "--tls",
-                               pki.send, "--max-bandwidth", "4MB/s"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sender = start_sender(recv.address, image, "--tls", pki.send, "--max-bandwidth", "4MB/s")
     address = (recv.host, recv.port)
     silent = []
-    try:
-        time.sleep(0.5)
+
+    def strangers():
+        met = []
         # Garbage is fixed bytes: random ones may look like the start of a TLS record.
-        for payload in (b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", b"\xde\xad\xbe\xef" * 16,
-                        wire.encode_hello(wire.Hello(wire.Role.DATA, uuid.uuid4().bytes, 0,
-                                                     4))):
+        for payload, says in (
+                (b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",
+                 "sent an HTTP request, not TLS"),
+                (b"\xde\xad\xbe\xef" * 16, "does not speak TLS"),
+                (wire.encode_hello(wire.Hello(wire.Role.DATA, uuid.uuid4().bytes, 0, 4)),
+                 "a plaintext multifd hello (the sender was started without --tls)")):
             with socket.create_connection(address, timeout=10) as s:
+                met.append((s.getsockname()[1], re.escape(says)))
                 s.sendall(payload)
                 try:
                     while s.recv(4096):  # until the receiver closes on it
                         pass
                 except ConnectionError:
                     pass
-        _tls_stranger(address, pki.send, None)  # no client certificate
-        _tls_stranger(address, pki.send_other_ca, pki.send_other_ca)  # another CA's
-        _tls_stranger(address, pki.send, pki.send,  # ours, but another session
-                      wire.encode_hello(wire.Hello(wire.Role.DATA, uuid.uuid4().bytes, 0, 4)))
-        silent = [socket.create_connection(address, timeout=10) for _ in range(20)]
-        _, err_s = sender.communicate(timeout=60)
+        met.append((_tls_stranger(address, pki.send, None),  # no client certificate
+                    "sent no client certificate"))
+        met.append((_tls_stranger(address, pki.send_other_ca, pki.send_other_ca),  # another CA's
+                    "certificate is not signed by our CA"))
+        met.append((_tls_stranger(address, pki.send, pki.send,  # ours, but another session
+                                  wire.encode_hello(wire.Hello(wire.Role.DATA,
+                                                               uuid.uuid4().bytes, 0, 4))),
+                    "unknown session"))
+        silent.extend(socket.create_connection(address, timeout=10) for _ in range(20))
+        # the handshake deadline, or the socket timeout under it: both the handshake timeout
+        met.extend((s.getsockname()[1], "(no TLS handshake and complete hello within 1s|"
+                                        "tls: peer silent for 1s)") for s in silent)
+        return met
+
+    try:
+        met = strangers_during_a_migration(recv, sender, tmp_path, strangers)
     finally:
-        if sender.poll() is None:
-            sender.kill()
-            sender.communicate()
         for s in silent:
             s.close()
+    _, err_s = sender.communicate(timeout=60)
     rc, _, stderr = recv.finish(timeout=30)
     assert sender.returncode == 0, err_s
     assert rc == 0, stderr
-    dropped = [line for line in stderr.splitlines() if " dropped " in line]
-    assert len(dropped) == 26, stderr
-    for says in ("sent an HTTP request, not TLS", "does not speak TLS",
-                 "a plaintext multifd hello (the sender was started without --tls)",
-                 "sent no client certificate", "certificate is not signed by our CA",
-                 "unknown session", "no TLS handshake and complete hello within 1s"):
-        assert says in stderr, (says, stderr)
+    assert len(met) == 26
+    assert_each_dropped(stderr, met)
     with open(image, "rb") as a, open(out, "rb") as b:
         assert a.read() == b.read()

@@ -8,8 +8,7 @@ import pty
 import subprocess
 import time
 
-from conftest import cli, start_receiver
-from multifd.tools.mkimage import write_image
+from conftest import MKIMAGE_MODULE, cli, start_receiver, write_image
 
 MiB = 1 << 20
 
@@ -48,8 +47,8 @@ def test_mkimage_cli(tmp_path):
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     assert path.stat().st_size == 64 * 1024
-    bad = subprocess.run([*cli("send")[:1], "-m", "multifd.tools.mkimage", str(path),
-                          "--size", "x"], capture_output=True, text=True, timeout=30)
+    bad = subprocess.run([*cli("send")[:1], "-m", MKIMAGE_MODULE, str(path), "--size", "x"],
+                         capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
 
 
@@ -94,11 +93,8 @@ def _peak_rss_kib(size: int, tmp_path) -> tuple[int, int]:
     _, status, usage = os.wait4(sender.pid, 0)
     sender.returncode = os.waitstatus_to_exitcode(status)
     assert sender.returncode == 0
-    recv.proc.stdout.close()
-    _, status, recv_usage = os.wait4(recv.proc.pid, 0)
-    recv.proc.returncode = os.waitstatus_to_exitcode(status)
-    recv.proc.stderr.close()
-    assert recv.proc.returncode == 0
+    rc, _, err, recv_usage = recv.finish_with_usage()
+    assert rc == 0, err
     image.unlink()
     return usage.ru_maxrss, recv_usage.ru_maxrss
 

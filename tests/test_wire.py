@@ -942,18 +942,38 @@ def _typed_or_record(fn, *args):
         return None
 
 
+def _check_hello(data: bytes) -> None:
+    """decode_hello on hostile bytes: a typed error, or a hello that is valid (its fields in
+    range) and the one encoding of exactly these bytes (the decoder accepts no other)."""
+    hello = _typed_or_record(W.decode_hello, data)
+    if hello is None:
+        return
+    assert hello.role in (Role.CONTROL, Role.DATA) and len(hello.session) == 16
+    assert 1 <= hello.channels <= 64
+    assert hello.channel == 0 if hello.role is Role.CONTROL else hello.channel < hello.channels
+    assert W.encode_hello(hello) == data
+
+
+def _check_hello_reply(data: bytes) -> None:
+    """decode_hello_reply on hostile bytes: a typed error, or a status other than "bad
+    version" (always an error) that encodes back to exactly these bytes."""
+    status = _typed_or_record(W.decode_hello_reply, data)
+    if status is None:
+        return
+    assert status is not HelloStatus.BAD_VERSION
+    assert W.encode_hello_reply(status) == data
+
+
 @HYPO
 @given(st.binary(min_size=32, max_size=32))
 def test_hostile_hello_32_bytes(data):
-    result = _typed_or_record(W.decode_hello, data)
-    assert result is None or isinstance(result, Hello)
+    _check_hello(data)
 
 
 @HYPO
 @given(st.binary(max_size=80))
 def test_hostile_hello_any_length(data):
-    result = _typed_or_record(W.decode_hello, data)
-    assert result is None or isinstance(result, Hello)
+    _check_hello(data)
 
 
 def _mutate(data: bytes, edits) -> bytes:
@@ -969,23 +989,19 @@ EDITS = st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), min_si
 @HYPO
 @given(st.sampled_from([Role.CONTROL, Role.DATA]), st.integers(1, 64), EDITS)
 def test_hostile_hello_mutated(role, channels, edits):
-    base = W.encode_hello(Hello(role, SID, 0, channels))
-    result = _typed_or_record(W.decode_hello, _mutate(base, edits))
-    assert result is None or isinstance(result, Hello)
+    _check_hello(_mutate(W.encode_hello(Hello(role, SID, 0, channels)), edits))
 
 
 @HYPO
 @given(st.binary(min_size=8, max_size=8))
 def test_hostile_hello_reply(data):
-    result = _typed_or_record(W.decode_hello_reply, data)
-    assert result is None or isinstance(result, HelloStatus)
+    _check_hello_reply(data)
 
 
 @HYPO
 @given(st.sampled_from(list(HelloStatus)), EDITS)
 def test_hostile_hello_reply_mutated(status, edits):
-    result = _typed_or_record(W.decode_hello_reply, _mutate(W.encode_hello_reply(status), edits))
-    assert result is None or isinstance(result, HelloStatus)
+    _check_hello_reply(_mutate(W.encode_hello_reply(status), edits))
 
 
 def _drain(data: bytes, chunks: list[int]) -> None:
@@ -1037,16 +1053,35 @@ def test_hostile_control_mutated_and_truncated(msgs, edits, cut):
 
 
 def _decode_stream(data: bytes, session: Session):
-    """What pump.py does: exactly 48 header bytes, then exactly runs_len run bytes."""
+    """What pump.py does: exactly 48 header bytes, then exactly runs_len run bytes. What the
+    decoders accept is checked against the protocol's rules, and must be the one encoding of
+    the bytes it came from."""
     if len(data) < W.PACKET.size:
         return None
     h = W.decode_packet_header(data[:W.PACKET.size], session)
-    assert isinstance(h, PacketHeader)
+    assert W.PACKET.pack(W.PACKET_MAGIC, h.kind, h.flags, h.nruns, h.seq, h.round, h.offset,
+                         h.payload_len, 0, b"\0\0\0", h.digest) == data[:W.PACKET.size]
+    if h.kind is not PacketKind.PAGES:
+        assert (h.flags, h.nruns, h.offset, h.payload_len, h.digest) == (0, 0, 0, 0, bytes(16))
+        return h
+    block = h.offset // session.block_bytes
+    pages = session.block_page_count(block)  # in this block (the last may be short)
+    assert h.offset % session.block_bytes == 0 and block < session.nblocks
+    assert 1 <= h.nruns <= pages and h.payload_len <= pages * session.page_size
+    assert not h.flags & ~(W.FLAG_DIGEST | W.FLAG_FULL_BLOCK)
     table = data[W.PACKET.size:W.PACKET.size + h.runs_len]
     if len(table) < h.runs_len:
         return h  # the stream would wait for more bytes
     runs = W.decode_runs(table, h, session)
-    assert isinstance(runs, list)
+    assert b"".join(W.RUN.pack(first, n, kind, 0) for first, n, kind in runs) == table
+    end = 0
+    for first, n, kind in runs:  # sorted, disjoint, inside the block; no gap in a full block
+        assert n >= 1 and first >= end and first + n <= pages, runs
+        assert first == end or not h.flags & W.FLAG_FULL_BLOCK, runs
+        end = first + n
+    assert end == pages or not h.flags & W.FLAG_FULL_BLOCK, runs
+    assert h.payload_len == session.page_size * sum(n for _, n, kind in runs
+                                                    if kind == RunKind.DATA)
     return h, runs
 
 
@@ -1080,7 +1115,8 @@ def test_every_single_byte_flip_of_a_packet_is_accepted_or_typed():
     packet = W.encode_packet(PacketKind.PAGES, seq=3, round=1, offset=2 * BLOCK, runs=runs,
                              page_size=PAGE, flags=3, digest=DIGEST)
     stream = packet + bytes(range(256)) * 16  # payload bytes follow in a real stream
-    assert _decode_stream(stream, S) == (W.decode_packet_header(packet[:48], S), list(runs))
+    assert _decode_stream(stream, S) == (
+        PacketHeader(PacketKind.PAGES, 3, 4, 3, 1, 2 * BLOCK, 103 * PAGE, DIGEST), list(runs))
     outcomes = {"accepted": 0, "rejected": 0}
     for i in range(len(packet)):
         mutated = bytearray(stream)
