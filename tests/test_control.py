@@ -16,6 +16,7 @@ import time
 import pytest
 import trio
 
+from conftest import trio_wait_until
 from multifd import control
 from multifd import errors as E
 from multifd import wire
@@ -165,8 +166,8 @@ async def test_heeding_keeps_an_expected_message_that_came_early(channel):
         async with control.heeding(receiver, Stage.DATA, wire.Complete) as heard:
             assert heard.message is None
             raw_send(sender, complete)
-            while heard.message is None:  # the condition, polled: it is read in a thread
-                await trio.sleep(0.01)
+            # read in a worker thread: no event to wait on, so the condition is polled
+            await trio_wait_until(lambda: heard.message is not None, 5)
     assert heard.message == complete
     # Nothing more was read: the channel is usable for what comes next.
     raw_send(sender, wire.Ready())

@@ -15,6 +15,7 @@ import uuid
 import pytest
 import trio
 
+from conftest import trio_wait_until
 from multifd import errors as E
 from multifd import wire
 from multifd.registry import Registry, open_registry, wait_for_channels
@@ -171,11 +172,6 @@ async def _reply(stream: trio.SocketStream) -> wire.HelloStatus:
     return wire.decode_hello_reply(await _receive_exactly(stream, wire.HELLO_REPLY.size))
 
 
-async def _until(condition) -> None:
-    while not condition():
-        await trio.sleep(0.01)
-
-
 async def test_a_stranger_is_dropped_while_the_migration_registers(front_door):
     registry, port, _side, logs = front_door
     streams = []
@@ -190,7 +186,7 @@ async def test_a_stranger_is_dropped_while_the_migration_registers(front_door):
         await registry.complete.wait()
         # The stranger got no reply (it does not speak our protocol): only the end.
         assert await stranger.receive_some(100) == b""
-        await _until(lambda: logs)
+        await trio_wait_until(lambda: logs, 5)
     assert registry.control is not None and sorted(registry.data) == [0, 1]
     assert (registry.session_id, registry.channels) == (SID, 2)
     assert logs == [f"dropped connection from {where}: hello: bad magic 0x47455420 "
@@ -212,7 +208,7 @@ async def test_refused_hellos_get_a_reply_and_are_logged(front_door):
             streams.append(stream := await _say_hello(port, hello))
             assert await _reply(stream) is status
             assert await stream.receive_some(100) == b""  # and closed
-        await _until(lambda: len(logs) == 3)
+        await trio_wait_until(lambda: len(logs) == 3, 5)
     assert [re.sub(r"from \S+:", "from X:", m) for m in logs] == [
         "dropped data channel 0 from X: hello: duplicate channel id",
         "dropped control channel from X: hello: receiver is busy with another migration",
@@ -237,7 +233,7 @@ async def test_a_stranger_that_never_finishes_its_hello_is_dropped_after_the_tim
         await stranger.send_all(wire.MAGIC_BYTES)  # and no more
         assert await stranger.receive_some(100) == b""
         elapsed = time.monotonic() - start
-        await _until(lambda: logs)
+        await trio_wait_until(lambda: logs, 5)
     assert side.timeouts.handshake * 0.9 <= elapsed < side.timeouts.handshake + 1.0
     assert re.fullmatch(r"dropped connection from 127\.0\.0\.1:\d+: hello: no complete hello "
                         r"within 1s", logs[0]), logs
@@ -256,7 +252,7 @@ async def test_a_data_channel_before_its_control_channel_waits_and_registers(fro
         control = await _say_hello(port, control_hello(2))
         assert await _reply(control) is S.OK
         assert await _reply(early) is S.OK
-        await _until(lambda: 1 in registry.data)
+        await trio_wait_until(lambda: 1 in registry.data, 5)
         late = await _say_hello(port, data_hello(0, 2))
         assert await _reply(late) is S.OK
         await registry.complete.wait()
@@ -270,7 +266,7 @@ async def test_a_data_channel_whose_control_never_comes_is_dropped(front_door):
     with trio.fail_after(side.timeouts.handshake + 5):
         early = await _say_hello(port, data_hello(0, 2))
         assert await early.receive_some(100) == b""
-        await _until(lambda: logs)
+        await trio_wait_until(lambda: logs, 5)
     assert re.fullmatch(r"dropped data channel 0 from 127\.0\.0\.1:\d+: hello: no control "
                         r"channel arrived within 1s", logs[0]), logs
     assert not registry.data
@@ -285,7 +281,7 @@ async def test_wait_for_channels_names_the_missing_channels(front_door, arrive, 
         for hello in (control_hello(4), *(data_hello(i, 4) for i in arrive)):
             streams.append(stream := await _say_hello(port, hello))
             assert await _reply(stream) is S.OK
-        await _until(lambda: len(registry.data) == len(arrive))
+        await trio_wait_until(lambda: len(registry.data) == len(arrive), 5)
         start = time.monotonic()
         with pytest.raises(E.MissingChannels) as caught:
             await wait_for_channels(registry, side)
@@ -306,7 +302,7 @@ async def test_wait_for_channels_ends_at_once_when_the_sender_gives_up(front_doo
         assert await _reply(control) is S.OK
         data = await _say_hello(port, data_hello(0, 2))
         assert await _reply(data) is S.OK
-        await _until(lambda: registry.data)
+        await trio_wait_until(lambda: registry.data, 5)
         await control.send_all(wire.encode_control(wire.ErrorMessage(
             wire.ErrorCode.FAILED, "data channel 1: connect: connection refused")))
         start = time.monotonic()
