@@ -32,8 +32,9 @@ $(CERTS) &: | $(STAMP)
 demo: venv certs
 	$(PY) -m multifd.tools.demo --tls certs
 
+# Two workers: most of the suite waits on timeouts and peers, not on the CPU.
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 # The wire decoders on hostile bytes, far longer than in make test (new inputs every run).
 FUZZ_EXAMPLES ?= 20000

@@ -102,6 +102,9 @@ def test_cli_rejects_a_malformed_spec_in_one_line(make_image):
 
 CHANNELS = 4
 FAST = ("--handshake-timeout", "1.5", "--idle-timeout", "1.5", "--connect-timeout", "2")
+# For the side whose fault makes the other wait: the peer's timeout must end first. With both
+# at 1.5 s, the two timers (begun a moment apart) race, and either side's line may come first.
+PATIENT = ("--handshake-timeout", "5", "--idle-timeout", "5")
 BOUND = 6  # seconds past the sender's exit for the receiver to be done
 
 
@@ -279,7 +282,8 @@ def test_full_disk_on_the_receiver(migrate_with_fault, tls):
 def test_a_tls_handshake_fails_while_the_others_are_handshaking(migrate_with_fault, k,
                                                                 fault, sender_says):
     """The seed's race: one channel's handshake breaks while the others are in flight."""
-    rc, err, recv_rc, recv_err = migrate_with_fault(tls=True, send_fault=fault.format(k=k))
+    rc, err, recv_rc, recv_err = migrate_with_fault(tls=True, send_fault=fault.format(k=k),
+                                                    recv_args=PATIENT)
     line = _last_line(err)
     assert rc == 1 and re.search(sender_says.format(k=k), line), line
     assert recv_rc == 1 and re.search(f"sender failed: {sender_says.format(k=k)}",
@@ -413,7 +417,8 @@ def test_receiver_refuses_or_delays_a_channel(migrate_with_fault, tls, k, fault)
 def test_receiver_tls_faults(migrate_with_fault, fault, sender_says):
     """The receiver's TLS faults strike every connection (none has a channel number before
     its handshake): the control channel fails first, so the migration never begins."""
-    rc, err, _, recv_err = migrate_with_fault(tls=True, begins=False, recv_fault=fault)
+    rc, err, _, recv_err = migrate_with_fault(tls=True, begins=False, recv_fault=fault,
+                                              recv_args=PATIENT)
     assert rc == 1 and re.search(sender_says, _last_line(err)), err
 
 
@@ -452,8 +457,7 @@ def test_control_channel_faults(migrate_with_fault, tls, side, fault, begins, se
     # A stall is for the peer to notice: the stalling side's own timeouts are longer, or its
     # wait for the peer (as long as the peer's for it, and begun a moment earlier or later)
     # could end first, and the peer would see a closed connection instead of silence.
-    patient = ("--handshake-timeout", "5", "--idle-timeout", "5") \
-        if fault.startswith("stall") else ()
+    patient = PATIENT if fault.startswith("stall") else ()
     if side == "send":
         rc, err, recv_rc, recv_err = migrate_with_fault(
             tls=tls, begins=begins, send_fault=fault, send_args=patient)
