@@ -181,8 +181,8 @@ _VERIFY = {
 
 # When the peer left, by the stage we were in: in the hello stage the sender waits for the
 # reply, the receiver for the hello itself.
-_DURING = {"tls": " during the TLS handshake", "hello": " before answering the hello",
-           "hello@receiver": " before its hello was complete"}
+_DURING = {Stage.TLS: " during the TLS handshake", Stage.HELLO: " before answering the hello",
+           f"{Stage.HELLO}@receiver": " before its hello was complete"}
 
 
 def explain(exc: BaseException, *, peer: str, name: str | None = None, stage: Stage = Stage.TLS,
