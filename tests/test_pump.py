@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+from contextlib import contextmanager
 
 import pytest
 import trio
@@ -221,12 +222,18 @@ async def test_a_corrupted_payload_is_a_checksum_mismatch_and_never_written(imag
     assert receiver.counters.blocks == 2
 
 
-async def test_a_packet_of_another_round_is_a_protocol_error(image, links):
+@contextmanager
+def _pumps(image: Image, tx, rx):
+    """A sender and a receiver (no output) of `image` over the links tx -> rx."""
     session = image.session
-    tx, rx = links()
     with SourceImage(image.path) as source:
-        sender = BlockSender(tx, source, session)
-        receiver = BlockReceiver(rx, session, None, ExactlyOnce(session.nblocks))
+        yield (BlockSender(tx, source, session),
+               BlockReceiver(rx, session, None, ExactlyOnce(session.nblocks)))
+
+
+async def test_a_packet_of_another_round_is_a_protocol_error(image, links):
+    tx, rx = links()
+    with _pumps(image, tx, rx) as (sender, receiver):
         with trio.fail_after(5):
             await tx.run(Stage.DATA, sender.send_blocks, 0, 1, 0)
             await tx.run(Stage.DATA, sender.send_blocks, 1, 2, 1)  # round 1 within round 0
@@ -237,11 +244,8 @@ async def test_a_packet_of_another_round_is_a_protocol_error(image, links):
 
 
 async def test_an_end_of_the_wrong_round_is_a_protocol_error(image, links):
-    session = image.session
     tx, rx = links()
-    with SourceImage(image.path) as source:
-        sender = BlockSender(tx, source, session)
-        receiver = BlockReceiver(rx, session, None, ExactlyOnce(session.nblocks))
+    with _pumps(image, tx, rx) as (sender, receiver):
         with trio.fail_after(5):
             await tx.run(Stage.FINISH, sender.finish, 3)
             with pytest.raises(E.RemoteProtocolError,
@@ -250,11 +254,8 @@ async def test_an_end_of_the_wrong_round_is_a_protocol_error(image, links):
 
 
 async def test_a_packet_out_of_order_is_a_protocol_error(image, links):
-    session = image.session
     tx, rx = links()
-    with SourceImage(image.path) as source:
-        sender = BlockSender(tx, source, session)
-        receiver = BlockReceiver(rx, session, None, ExactlyOnce(session.nblocks))
+    with _pumps(image, tx, rx) as (sender, receiver):
         with trio.fail_after(5):
             await tx.run(Stage.DATA, sender.send_blocks, 0, 1, 0)
             sender.seq += 1  # packet 1 lost
