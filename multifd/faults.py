@@ -192,9 +192,6 @@ class Faults:
     def __init__(self, faults=()) -> None:
         self.faults = tuple(faults)
 
-    def __bool__(self) -> bool:
-        return bool(self.faults)
-
     def check_channels(self, channels: int) -> None:
         """Refuse a fault aimed at a data channel that this migration will not have."""
         for fault in self.faults:
