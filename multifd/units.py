@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import re
+from fractions import Fraction
 
 _NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"
 _QUANTITY = re.compile(rf"^\s*{_NUMBER}\s*([A-Za-z]*)\s*$")
@@ -50,28 +51,22 @@ def _bits(unit: str) -> int | None:
     return 1000 ** (_PREFIXES.index(prefix) + 1) if prefix else 1
 
 
-def _number(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError
-    return value
-
-
-def _bytes(text: str, body: str, what: str, per: str = "") -> float:
+def _bytes(text: str, body: str, what: str, per: str = "") -> Fraction:
     """The number of bytes (per second, with per="/s") that `body`, the text of `text`
     without its "/s", names."""
     m = _QUANTITY.match(body)
     if m is None:
         example = "500MB/s, 1GiB/s, 100M" if per else "4096, 64MiB, 1G, 500MB"
         raise ValueError(f"{text!r} is not a {what} (e.g. {example})")
-    number, unit = _number(m.group(1)), m.group(2)
+    # A Fraction, not a float: a size of any length is exact, and so is its fraction.
+    number, unit = Fraction(m.group(1)), m.group(2)
     mult = _multiplier(unit)
     if mult is not None:
         return number * mult
     bits = _bits(unit)
     if bits is not None:
         raise ValueError(f"{text!r} is in bits: give bytes{' per second' if per else ''} "
-                         f"({_human(number * bits / 8)}{per})")
+                         f"({_human(float(number) * bits / 8)}{per})")
     raise ValueError(f"{text!r}: unknown unit {unit!r} (K, M, G, T or KiB..TiB are powers "
                      f"of 1024; KB, MB, GB, TB powers of 1000)")
 
@@ -87,15 +82,16 @@ def parse_size(text: str) -> int:
 def parse_rate(text: str) -> float:
     """'500MB/s', '1GiB/s', '100M', '2500000' -> bytes per second."""
     body = text.strip()
-    return _bytes(text, body[:-2] if body.endswith("/s") else body, "rate", "/s")
+    return float(_bytes(text, body[:-2] if body.endswith("/s") else body, "rate", "/s"))
 
 
 def parse_duration(text: str) -> float:
     """'300ms', '2.5', '2.5s', '1min', '1h' -> seconds."""
     m = _QUANTITY.match(text)
-    if m is None or m.group(2) not in _SECONDS:
+    seconds = float(m.group(1)) * _SECONDS[m.group(2)] if m and m.group(2) in _SECONDS else None
+    if seconds is None or not math.isfinite(seconds):
         raise ValueError(f"{text!r} is not a duration (e.g. 30, 2.5s, 300ms, 1min)")
-    return _number(m.group(1)) * _SECONDS[m.group(2)]
+    return seconds
 
 
 def _human(size: float) -> str:
