@@ -384,3 +384,18 @@ class TlsConn(Conn):
     def explain_tls(self, exc: ssl.SSLError, stage: Stage) -> str:
         return tls.explain(exc, peer=self.peer_name, name=self.hostname, stage=stage,
                            hint=self.hint, side=self.side.name) or str(exc)
+
+
+async def within_handshake(side: Side, greeting, timed_out):
+    """`await greeting()` under the handshake deadline, or raise `timed_out()` (made when it
+    happens: an error's stamp is taken when it is made).
+
+    Each read of a greeting is also bounded by the kernel with the same length (the Conn's
+    timeout before `establish`); under load that bound can expire a hair before trio's
+    deadline. It is the same deadline, so it is reported the same way."""
+    try:
+        with trio.move_on_after(side.timeouts.handshake):
+            return await greeting()
+    except E.PeerTimeout:
+        pass
+    raise timed_out()

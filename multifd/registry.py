@@ -25,7 +25,7 @@ from . import errors as E
 from . import tls as T
 from . import wire
 from .address import format_address
-from .conn import Conn, TlsConn
+from .conn import Conn, TlsConn, within_handshake
 from .errors import Stage
 from .side import Side
 
@@ -189,15 +189,17 @@ async def _greet(sock: socket.socket, pending: trio.CapacityLimiter, registry: R
 async def _read_greeting(conn: Conn, side: Side) -> wire.Hello:
     """The TLS handshake (with TLS) and the whole hello, under one deadline: a peer that
     trickles bytes must not hold its slot for ever."""
-    with trio.move_on_after(side.timeouts.handshake):
+    async def greeting():
         if side.tls is not None:
             await side.faults.handshake(conn)
             await conn.run(Stage.TLS, _server_handshake, conn)
         hello = await conn.run(Stage.HELLO, _read_hello, conn)
         conn.label = hello.label()
         return hello
-    raise E.PeerTimeout(f"no {'TLS handshake and ' if side.tls else ''}complete hello "
-                        f"within {side.timeouts.handshake:g}s", stage=Stage.HELLO)
+
+    return await within_handshake(side, greeting, lambda: E.PeerTimeout(
+        f"no {'TLS handshake and ' if side.tls else ''}complete hello within "
+        f"{side.timeouts.handshake:g}s", stage=Stage.HELLO))
 
 
 async def _admit(conn: Conn, hello: wire.Hello, side: Side) -> None:

@@ -33,7 +33,7 @@ from . import errors as E
 from . import tls as T
 from . import wire
 from .address import format_address
-from .conn import Conn, TlsConn
+from .conn import Conn, TlsConn, within_handshake
 from .errors import Stage, collapse_group
 from .faults import NO_FAULTS, Faults, Phase
 from .image import SourceImage
@@ -83,16 +83,17 @@ async def _connect(host: str, port: int, label: str, side: Side) -> socket.socke
 
 async def _greet(conn: Conn, hello: wire.Hello, side: Side) -> None:
     """TLS (with TLS) and the hello exchange, under one deadline, as the receiver has."""
-    with trio.move_on_after(side.timeouts.handshake):
+    async def greeting():
         if isinstance(conn, TlsConn):
             await side.faults.handshake(conn)
             await conn.run(Stage.TLS, conn.handshake)
         await conn.run(Stage.HELLO, _hello_exchange, conn, hello)
-        return
+
     bound = side.timeouts.handshake
-    raise E.PeerTimeout(f"no TLS handshake and hello reply within {bound:g}s" if side.tls else
-                        f"no hello reply within {bound:g}s", side=side.name,
-                        channel=conn.label, stage=Stage.TLS if side.tls else Stage.HELLO)
+    await within_handshake(side, greeting, lambda: E.PeerTimeout(
+        f"no TLS handshake and hello reply within {bound:g}s" if side.tls else
+        f"no hello reply within {bound:g}s", side=side.name,
+        channel=conn.label, stage=Stage.TLS if side.tls else Stage.HELLO))
 
 
 async def dial(host: str, port: int, hello: wire.Hello, side: Side) -> Conn:

@@ -201,6 +201,19 @@ async def test_establish_bounds_waits_by_the_idle_timeout(pair):
             await ours.run(Stage.DATA, ours.recv_bytes, 1, "a byte")
 
 
+@pytest.mark.parametrize("kernel_bound", [0.2, 30], ids=["kernel-first", "trio-first"])
+async def test_a_greeting_past_its_deadline_is_reported_as_the_handshake_timeout(pair,
+                                                                             kernel_bound):
+    # Before `establish` the kernel bounds each read by the handshake timeout too; whichever
+    # of the two bounds expires first, it is the one deadline, with one message.
+    ours, _peer = pair(timeout=kernel_bound)
+    with trio.fail_after(5):
+        with pytest.raises(E.PeerTimeout, match=r"^no hello reply within 1s$"):
+            await conn_module.within_handshake(
+                SENDER, lambda: ours.run(Stage.HELLO, ours.recv_bytes, 1, "a byte"),
+                lambda: E.PeerTimeout("no hello reply within 1s"))
+
+
 async def test_a_reset_connection_is_peer_closed(pair):
     ours, peer = pair(kind="tcp")
     peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
