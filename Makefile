@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: all venv certs demo test fuzz bench iperf3 clean
+.PHONY: all venv certs demo test fuzz bench iperf3 qemu clean
 
 all: test
 
@@ -33,17 +33,26 @@ demo: venv certs
 	$(PY) -m multifd.tools.demo --tls certs
 
 # Two workers: most of the suite waits on timeouts and peers, not on the CPU.
-test: venv
+test: venv qemu
 	$(PY) -m pytest -q -n 2
 
 # The wire decoders on hostile bytes, far longer than in make test (new inputs every run).
 FUZZ_EXAMPLES ?= 20000
 fuzz: venv
-	MULTIFD_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q --timeout 3600 tests/test_wire.py
+	MULTIFD_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q --timeout 3600 tests/test_wire.py \
+	  tests/test_qemu_wire.py
 
 iperf3:
 	@command -v iperf3 >/dev/null || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iperf3 >/dev/null; }
+
+# A real QEMU for the tests that migrate one (multifd.tools.qemu). All it opens for them comes
+# from hard dependencies (seabios: bios-256k.bin; qemu-system-data: kvmvapic.bin;
+# qemu-system-common: the TCG module); the Recommends (GUI, audio, block drivers, OVMF) are unused.
+qemu:
+	@command -v qemu-system-x86_64 >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	  qemu-system-x86 >/dev/null; }
 
 # Loopback throughput against a raw TCP copier and iperf3, measured in the same run.
 bench: venv iperf3

@@ -49,7 +49,8 @@ def faults_from(prog: str, args, side: str) -> Faults:
     """The --fault flags as the side's Faults; a SPEC that is malformed, or that could never
     strike with these options, is the one-line usage error."""
     def build() -> Faults:
-        faults = Faults([parse_fault(spec, side) for spec in args.fault])
+        by_arrival = getattr(args, "qemu", None) is not None
+        faults = Faults([parse_fault(spec, side, by_arrival) for spec in args.fault])
         for fault in faults.faults:
             if args.tls is None and fault.action.startswith("tls-"):
                 raise UsageError(f"--fault {fault}: a TLS fault needs --tls")

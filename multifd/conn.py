@@ -163,6 +163,11 @@ class Conn:
                 raise E.PeerClosed(f"connection closed by the peer while waiting for {what}")
             view = view[n:]
 
+    def recv_some(self, view: memoryview) -> int:
+        """What has arrived, up to len(view), waiting for at least a byte; 0 at the end of
+        the stream."""
+        return self.sock.recv_into(view)
+
     def recv_bytes(self, size: int, what: str) -> bytes:
         buf = bytearray(size)
         self.recv_exactly(memoryview(buf), what)
@@ -340,6 +345,14 @@ class TlsConn(Conn):
                 raise E.PeerClosed(f"connection closed by the peer (TLS close) while waiting "
                                    f"for {what}")
             view = view[n:]
+
+    def recv_some(self, view: memoryview) -> int:
+        """As Conn's. A stream cut without a TLS close also reads as its end: the caller's
+        framing must decide whether it was complete (QEMU before 10.0 sends no TLS close)."""
+        try:
+            return self.sock.recv_into(view)
+        except ssl.SSLEOFError:
+            return 0
 
     def close_stream(self) -> None:
         """Send our TLS close and wait for the peer's: returns only if the stream ended whole."""

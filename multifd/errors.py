@@ -140,6 +140,11 @@ class ChecksumMismatch(RemoteProtocolError):
     pass
 
 
+class Unsupported(RemoteProtocolError):
+    """The peer uses a feature this side cannot honour (a QEMU capability, say): named, so
+    that the user knows what to turn off."""
+
+
 class TransportError(MultifdError):
     """A connection failed: refused, reset, closed early, timed out."""
 

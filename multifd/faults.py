@@ -9,6 +9,7 @@ seam hands back what it was given.
 
     SPEC  := ACTION [ "@" WHERE ] [ ":" KEY "=" VALUE { "," KEY "=" VALUE } ]
     WHERE := N (data channel N) | "control" | "all"          (default: all)
+             (multifd-recv --qemu: N is QEMU's multifd channel N, "main" = "control")
 
 Actions, the side that takes them, and their parameters:
 
@@ -85,26 +86,31 @@ class Fault:
     params: dict = field(default_factory=dict)
 
     def hits(self, label: str) -> bool:
-        """Whether this fault applies to the channel called `label` (Hello.label())."""
+        """Whether this fault applies to the channel called `label` (Hello.label(), or in
+        QEMU's stream "main channel" / "multifd channel N")."""
         if self.where == "all":
             return True
         if self.where == "control":
-            return label == "control channel"
-        return label == f"data channel {self.where}"
+            return label in ("control channel", "main channel")
+        return label in (f"data channel {self.where}", f"multifd channel {self.where}")
 
     def __str__(self) -> str:
         params = ",".join(f"{k}={v}" for k, v in self.params.items())
         return f"{self.action}@{self.where}" + (f":{params}" if params else "")
 
 
-def parse(spec: str, side: str) -> Fault:
-    """One --fault SPEC for `side` ("send" or "recv"); raises UsageError naming the problem."""
+def parse(spec: str, side: str, by_arrival: bool = False) -> Fault:
+    """One --fault SPEC for `side` ("send" or "recv"); raises UsageError naming the problem.
+    `by_arrival`: the receiver names a connection by its arrival before its TLS handshake
+    (--qemu: QEMU connects its main channel first, then multifd channels 0, 1, ...)."""
     def bad(why: str) -> E.UsageError:
         return E.UsageError(f"--fault {spec!r}: {why}")
 
     head, _, tail = spec.partition(":")
     action, _, where = head.partition("@")
     action, where = action.strip(), (where.strip() or "all")
+    if where == "main":  # QEMU's name for the control channel
+        where = "control"
     if action not in ACTIONS:
         raise bad(f"unknown action {action!r} (one of {', '.join(ACTIONS)})")
     sides, allowed = ACTIONS[action]
@@ -134,7 +140,7 @@ def parse(spec: str, side: str) -> Fault:
         raise bad("the control channel carries no packets (name a data channel, @N)")
     if action == "full-disk" and where != "all":
         raise bad("full-disk strikes the output file, not a channel (leave out @)")
-    if side == "recv" and action.startswith("tls-") and where != "all":
+    if side == "recv" and action.startswith("tls-") and where != "all" and not by_arrival:
         raise bad("the receiver cannot tell channels apart before their TLS handshake: "
                   "its TLS faults hit every connection (leave out @)")
     return Fault(action, where, params)
@@ -198,6 +204,10 @@ class Faults:
             if fault.where.isdigit() and int(fault.where) >= channels:
                 raise E.UsageError(f"--fault {fault}: there is no data channel {fault.where} "
                                    f"(--channels {channels}: 0..{channels - 1})")
+
+    def targets(self, label: str) -> bool:
+        """Whether a fault is aimed at this very channel (not at every channel)."""
+        return any(f.where != "all" and f.hits(label) for f in self.faults)
 
     def _find(self, actions, label: str | None = None) -> Fault | None:
         for fault in self.faults:

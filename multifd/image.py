@@ -85,6 +85,17 @@ class SourceImage:
         self.close()
 
 
+def pwrite_all(pwrite, fd: int, view, offset: int, what: str) -> None:
+    """All of `view` at `offset`, however many writes it takes; a failure names `what`."""
+    while view:
+        try:
+            n = pwrite(fd, view, offset)
+        except OSError as exc:
+            raise ImageError(f"writing {what}: {exc.strerror}") from None
+        view = view[n:]
+        offset += n
+
+
 def check_output_path(path: str) -> None:
     """Fail early, before any network wait, if OUTPUT can never be written."""
     if not path:
@@ -93,6 +104,11 @@ def check_output_path(path: str) -> None:
         raise UsageError(f"output {path} is a directory")
     if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
         raise UsageError(f"output {path} exists and is not a regular file")
+    check_parent(path)
+
+
+def check_parent(path: str) -> None:
+    """The directory that `path` goes into exists and may get new entries."""
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise UsageError(f"output directory {parent} does not exist")
@@ -158,13 +174,7 @@ class OutputFile:
         return self.tmp_path or f"the temporary output in {self.directory}"
 
     def write(self, view: memoryview, offset: int) -> None:
-        while view:
-            try:
-                n = self._pwrite(self.fd, view, offset)
-            except OSError as exc:
-                raise ImageError(f"writing {self.what}: {exc.strerror}") from None
-            view = view[n:]
-            offset += n
+        pwrite_all(self._pwrite, self.fd, view, offset, self.what)
 
     def sync(self) -> None:
         """Make the data durable (slow: run it in a thread). Nothing is published yet."""

@@ -15,6 +15,7 @@ connection handed to it and closes them all when the receiver leaves `open_regis
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 from contextlib import asynccontextmanager, contextmanager
 
@@ -137,18 +138,18 @@ def _server_handshake(conn: TlsConn) -> None:
     conn.handshake()
 
 
-def _accepted(sock: socket.socket, side: Side) -> Conn:
+def accepted(sock: socket.socket, side: Side, label: str = "connection") -> Conn:
     timeout = side.timeouts.handshake
     if side.tls is None:
-        return Conn(sock, "connection", side=side, timeout=timeout)
+        return Conn(sock, label, side=side, timeout=timeout)
     secured = side.tls.context.wrap_socket(sock, server_side=True,
                                            do_handshake_on_connect=False,
                                            suppress_ragged_eofs=False)
-    return TlsConn(secured, "connection", side=side, timeout=timeout, peer_name="the peer")
+    return TlsConn(secured, label, side=side, timeout=timeout, peer_name="the peer")
 
 
 @contextmanager
-def _pending_slot(pending: trio.CapacityLimiter, sock: socket.socket):
+def pending_slot(pending: trio.CapacityLimiter, sock: socket.socket):
     """The slot the accept loop took for `sock`, given back when the block ends."""
     try:
         yield
@@ -165,14 +166,14 @@ async def _greet(sock: socket.socket, pending: trio.CapacityLimiter, registry: R
     on). The connection holds a `pending` slot until its hello is complete and, for a data
     channel, its session is known."""
     try:
-        conn = _accepted(sock, side)
+        conn = accepted(sock, side)
     except (OSError, ValueError) as exc:  # gone before we could even set it up
         pending.release_on_behalf_of(sock)
         side.log(f"dropped a connection: {exc}")
         sock.close()
         return
     try:
-        with _pending_slot(pending, sock):
+        with pending_slot(pending, sock):
             hello = await _read_greeting(conn, side)
             await _admit(conn, hello, side)
             await _await_session(registry, hello, side)
@@ -181,7 +182,7 @@ async def _greet(sock: socket.socket, pending: trio.CapacityLimiter, registry: R
             conn.establish(hello.label())
             registry.fill(hello, conn)
     except BaseException as exc:
-        await _drop(conn, exc, side)
+        await drop(conn, exc, side)
         if not isinstance(exc, E.MultifdError):
             raise
 
@@ -237,7 +238,7 @@ async def _reply(conn: Conn, status: wire.HelloStatus) -> None:
         raise E.RemoteProtocolError(wire.HELLO_STATUS_TEXT[status], stage=Stage.HELLO)
 
 
-async def _drop(conn: Conn, exc: BaseException, side: Side) -> None:
+async def drop(conn: Conn, exc: BaseException, side: Side) -> None:
     """Close a connection that was not handed over, logging why if it failed on its own."""
     try:
         if isinstance(exc, E.MultifdError):
@@ -251,8 +252,10 @@ async def _drop(conn: Conn, exc: BaseException, side: Side) -> None:
         conn.close()
 
 
-async def _accept_loop(listener: trio.SocketListener, registry: Registry, side: Side,
-                       nursery: trio.Nursery) -> None:
+async def accept_loop(listener: trio.SocketListener, greet, side: Side,
+                      nursery: trio.Nursery) -> None:
+    """Accept connections for ever, each greeted by greet(sock, pending) in `nursery`; at
+    most MAX_PENDING hold a `pending` slot (until their greeting is done) at once."""
     pending = trio.CapacityLimiter(MAX_PENDING)
     quiet_until = 0.0  # accept errors are logged at most once a second
     while True:
@@ -273,7 +276,7 @@ async def _accept_loop(listener: trio.SocketListener, registry: Registry, side: 
                      f"hello")
             sock.close()
             continue
-        nursery.start_soon(_greet, sock, pending, registry, side)
+        nursery.start_soon(greet, sock, pending)
 
 
 @asynccontextmanager
@@ -283,7 +286,9 @@ async def open_registry(listeners: list[trio.SocketListener], side: Side):
     try:
         async with trio.open_nursery() as nursery:
             for listener in listeners:
-                nursery.start_soon(_accept_loop, listener, registry, side, nursery)
+                nursery.start_soon(accept_loop, listener,
+                                   functools.partial(_greet, registry=registry, side=side),
+                                   side, nursery)
             yield registry
             nursery.cancel_scope.cancel()
     finally:

@@ -128,6 +128,10 @@ def server_tls(directory: str, allowed_clients=()) -> ServerTls:
     """The receiver's TLS settings; raises UsageError naming the file at fault."""
     _check_directory(directory)
     ctx = _context(ssl.PROTOCOL_TLS_SERVER, directory, SERVER_CERT, SERVER_KEY)
+    # No TLS 1.3 session tickets: a client that never reads (a QEMU source never reads its
+    # multifd channels) would close with them unread, and its kernel then resets the
+    # connection, which can destroy the last data it sent before we have read it.
+    ctx.num_tickets = 0
     return ServerTls(ctx, frozenset(allowed_clients))
 
 

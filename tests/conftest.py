@@ -27,6 +27,7 @@ import multifd
 # ------------------------------------------------------------------ multifd's tools, named once
 
 from multifd.tools import certs, mkimage  # noqa: E402
+from multifd.tools import qemu as qemu_tools  # noqa: E402
 
 write_image = mkimage.write_image
 MKIMAGE_MODULE = mkimage.__name__  # for `python -m`
@@ -219,6 +220,9 @@ def _no_process_outlives_its_test():
         started = _started.pop()
         if isinstance(started, Receiver):
             started.stop()  # its reader threads close its pipes
+            continue
+        if isinstance(started, qemu_tools.Guest):
+            started.close()  # ends QEMU by its PID
             continue
         if started.poll() is None:
             started.kill()
@@ -536,3 +540,27 @@ def migrate_in_process(port: int, image: str, output: str, tls_dir: str | None =
     with open(image, "rb") as want, open(output, "rb") as got:
         assert got.read() == want.read()
     os.unlink(output)
+
+
+# ------------------------------------------------------------------ a real QEMU source
+
+# Guests are small (the suite's budget): 256 MiB of RAM, a 64 MiB patterned image loaded at
+# 64 MiB. KVM where /dev/kvm works, TCG elsewhere (qemu_tools.accel()).
+GUEST_MEM = "256M"
+GUEST_IMAGE_ADDR = 0x4000000
+
+
+@pytest.fixture(scope="session")
+def guest_image(shared_image) -> str:
+    """64 MiB of zero, random and repeated pages, for QEMU to load into its RAM."""
+    return shared_image(64 << 20, "mixed", 9)
+
+
+def start_guest(**kwargs) -> qemu_tools.Guest:
+    """A paused QEMU (qemu_tools.Guest), ended by its PID after the test whatever happens."""
+    kwargs.setdefault("mem", GUEST_MEM)
+    if "image" in kwargs:
+        kwargs.setdefault("image_addr", GUEST_IMAGE_ADDR)
+    guest = qemu_tools.Guest(**kwargs)
+    _started.append(guest)
+    return guest

@@ -176,7 +176,12 @@ def test_receiver_usage_errors(tmp_path):
             (["--listen", "127.0.0.1:0", str(tmp_path / "afile" / "out.img")], "does not exist"),
             (["--listen", f"127.0.0.1:{busy.getsockname()[1]}", "--discard"], "in use"),
             (["--listen", "nowhere", "--discard"], "does not parse"),
-            (["--listen", "127.0.0.1:0"], "OUTPUT or --discard"),
+            (["--listen", "127.0.0.1:0"], "give one of OUTPUT, --discard and --qemu DIR"),
+            (["--listen", "127.0.0.1:0", "--discard", "--qemu", str(tmp_path / "g")],
+             "--discard and --qemu exclude each other"),
+            (["--listen", "127.0.0.1:0", "--qemu-uuid", "x", "--discard"], "not a UUID"),
+            (["--listen", "127.0.0.1:0", "--discard", "--qemu-uuid",
+              "12345678-1234-1234-1234-123456789abc"], "--qemu-uuid needs --qemu"),
         ]
         for args, expected in cases:
             result = subprocess.run([*cli("recv"), *args], capture_output=True, text=True,

@@ -467,10 +467,27 @@ def build_parser() -> cliargs.Parser:
     p.add_argument("--keep", action="store_true",
                    help="keep the image for the next run (reused when its size matches)")
     p.add_argument("--skip-iperf", action="store_true", help="do not run the iperf3 case")
+    p.add_argument("--qemu", action="store_true",
+                   help="instead: a real QEMU source (--size of guest RAM) into multifd-recv "
+                   "--qemu beside a QEMU destination (multifd.tools.qemubench)")
     p.add_argument("--cases", type=_case_list, default=CASES, metavar="LIST",
                    help="comma-separated cases to run, always in this order (default all): "
                    + ", ".join(CASES))
     return p
+
+
+def _qemu_bench(args) -> int:
+    from . import qemubench  # only this case needs QEMU's driver
+
+    try:
+        result = qemubench.run(args.size, args.channels, args.dir, args.repeat, args.timeout,
+                               lambda text: print(f"{PROG}: {text}", file=sys.stderr,
+                                                  flush=True))
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    print(json.dumps(result, indent=1) if args.json else qemubench.table(result), flush=True)
+    return 1 if result["errors"] else 0
 
 
 class _Terminated(Exception):
@@ -493,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeat and --size must be positive")
     if not os.path.isdir(args.dir) or not os.access(args.dir, os.W_OK | os.X_OK):
         parser.error(f"--dir {args.dir} is not a writable directory")
+    if args.qemu:
+        return _qemu_bench(args)
     bench = Bench(args)
     skipped = {case: "not in --cases" for case in CASES if case not in args.cases}
     if "iperf3" not in skipped:

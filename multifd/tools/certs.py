@@ -115,7 +115,9 @@ def _new_leaf(ca: Issued, common_name: str, purpose: x509.ObjectIdentifier,
     key = ec.generate_private_key(ec.SECP256R1())
     cert = _issue(_common_name(common_name), ca, key, [
         (x509.BasicConstraints(ca=False, path_length=None), True),
-        (_key_usage(digital_signature=True), True),
+        # keyEncipherment as well, although an EC key enciphers nothing: QEMU's own checks
+        # (in releases before late 2025) refuse a server or client certificate without it.
+        (_key_usage(digital_signature=True, key_encipherment=True), True),
         (x509.ExtendedKeyUsage([purpose]), False),
         *extra,
     ], not_before, days)
@@ -198,10 +200,8 @@ def write_set(directory: str, *, ca: Issued | None = None, ca_key: bool = True,
                                  "(pass --force to replace it)")
     if not os.path.isdir(directory):
         try:
-            os.mkdir(directory, 0o700)
-        except FileNotFoundError:
-            raise UsageError(f"cannot create {directory}: "
-                             "its parent directory does not exist") from None
+            # Parents too, as mkdir -p makes them (the ones made here get the umask's mode).
+            os.makedirs(directory, 0o700)
         except OSError as exc:
             raise UsageError(f"cannot create {directory}: {exc.strerror or exc}") from None
     # Every file is written in full before the first rename: a full disk or a read-only

@@ -1,0 +1,167 @@
+"""The capture's output: a directory with one raw file per RAM block, put in place whole.
+
+Everything is written into a hidden `.NAME.*.part` directory beside NAME, and renamed to NAME
+only once the stream was complete and checked; any failure removes it. NAME may exist only as
+an empty directory (rename(2) replaces an empty directory, never a full one).
+
+    NAME/ram/<block>        one sparse file per RAM block, its used length long; the block's
+                            name percent-quoted (/rom@etc/acpi/tables -> %2From@etc%2Facpi%2Ftables)
+    NAME/device-state.bin   the main channel from the first device section to QEMU_VM_EOF
+    NAME/vmdescription.json QEMU's description of that device state
+    NAME/manifest.json      what was received (see capture.py)
+
+Each page's history is one byte per page (never sent, zero, data): a zero page that arrives
+after data for the same page overwrites it, a zero page on a page never written is left a
+hole, and a page never sent at all is counted.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import shutil
+import stat
+import tempfile
+from urllib.parse import quote
+
+import xxhash
+
+from ..errors import ImageError, UsageError
+from ..image import check_parent, pwrite_all
+from .wire import PAGE_BITS, PAGE_SIZE
+
+NEVER, ZERO, DATA = 0, 1, 2
+_ZEROS = bytes(PAGE_SIZE * 16)
+
+
+def check_output_dir(path: str) -> None:
+    """Fail early, before any network wait, if the directory can never be put in place."""
+    if not path:
+        raise UsageError("output directory is empty")
+    if os.path.lexists(path):
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            raise UsageError(f"output {path} exists and is not a directory")
+        if os.listdir(path):
+            raise UsageError(f"output directory {path} exists and is not empty")
+    check_parent(path)
+
+
+def block_file(name: str) -> str:
+    return "ram/" + quote(name, safe="@.+,=-_")
+
+
+class Block:
+    """One RAM block's file and page history; pages are written from any thread (a page is
+    touched by one channel at a time: QEMU's sync rule sees to it)."""
+
+    def __init__(self, directory: str, name: str, size: int, pwrite) -> None:
+        self.name = name
+        self.size = size
+        self.file = block_file(name)
+        self.pages = bytearray(size >> PAGE_BITS)
+        self._pwrite = pwrite
+        self.fd = os.open(os.path.join(directory, self.file),
+                          os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        os.ftruncate(self.fd, size)
+
+    def _write(self, view, offset: int) -> None:
+        pwrite_all(self._pwrite, self.fd, view, offset, f"RAM block {self.name!r}")
+
+    def write_pages(self, offsets, payload) -> None:
+        """Pages in payload order at `offsets`; contiguous runs go out as one write."""
+        view, pages, n, i = memoryview(payload), self.pages, len(offsets), 0
+        while i < n:
+            j = i + 1
+            while j < n and offsets[j] == offsets[j - 1] + PAGE_SIZE:
+                j += 1
+            self._write(view[i * PAGE_SIZE:j * PAGE_SIZE], offsets[i])
+            i = j
+        for offset in offsets:
+            pages[offset >> PAGE_BITS] = DATA
+
+    def zero_pages(self, offsets) -> None:
+        pages = self.pages
+        for offset in offsets:
+            index = offset >> PAGE_BITS
+            if pages[index] == DATA:
+                self._write(memoryview(_ZEROS)[:PAGE_SIZE], offset)
+            pages[index] = ZERO
+
+    def never_sent(self) -> int:
+        return self.pages.count(NEVER)
+
+    def xxh3_128(self) -> str:
+        """The file's XXH3-128 (what `xxh128sum` prints): a tenth of sha256's time, which
+        counts, since the whole capture is read back for it."""
+        with mmap.mmap(self.fd, self.size, prot=mmap.PROT_READ) as mapped:
+            return xxhash.xxh3_128_hexdigest(mapped)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class OutputDir:
+    """The hidden directory under construction, put in place by publish(), gone otherwise."""
+
+    def __init__(self, path: str, pwrite=os.pwrite) -> None:
+        check_output_dir(path)
+        self.path = path
+        parent, name = os.path.split(os.path.abspath(path))
+        try:
+            self.tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".part", dir=parent)
+            os.mkdir(os.path.join(self.tmp, "ram"))
+        except OSError as exc:
+            raise UsageError(f"cannot create a directory in {parent}: {exc.strerror}") \
+                from None
+        self._pwrite = pwrite
+        self.blocks: dict[str, Block] = {}
+        self._published = False
+
+    def create_blocks(self, blocks) -> None:
+        files = {block_file(name) for name, _ in blocks}
+        if len(files) != len(blocks):
+            raise ImageError("two RAM block names map to one file name")
+        try:
+            for name, size in blocks:
+                self.blocks[name] = Block(self.tmp, name, size, self._pwrite)
+        except OSError as exc:
+            raise ImageError(f"cannot create the RAM block files in {self.tmp}: "
+                             f"{exc.strerror}") from None
+
+    def write_file(self, name: str, data: bytes) -> None:
+        try:
+            with open(os.path.join(self.tmp, name), "xb") as f:
+                f.write(data)
+        except OSError as exc:
+            raise ImageError(f"writing {name} in {self.tmp}: {exc.strerror}") from None
+
+    def publish(self) -> None:
+        """fsync everything, then rename the directory into place."""
+        try:
+            for block in self.blocks.values():
+                os.fsync(block.fd)
+            os.chmod(self.tmp, 0o777 & ~_umask())
+            os.rename(self.tmp, self.path)
+        except OSError as exc:
+            raise ImageError(f"putting {self.path} in place: {exc.strerror}") from None
+        self._published = True
+
+    def discard(self) -> None:
+        for block in self.blocks.values():
+            block.close()
+        if not self._published:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> "OutputDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.discard()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

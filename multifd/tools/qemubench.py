@@ -1,0 +1,168 @@
+"""multifd-bench --qemu: a real QEMU source migrating into multifd-recv --qemu, beside the same
+source migrating into a real QEMU destination, same guest, same channel count, same run.
+
+Each run starts a fresh paused source (`pc`, --size of RAM, KVM where /dev/kvm works) with a
+random image of half its RAM loaded into it (all normal pages; the rest is zero pages) and
+migrates it with multifd over 127.0.0.1, unthrottled. Every figure is QEMU's own `total-time`
+of the source, from `migrate` to `completed`, so both destinations are judged by the same
+clock. The cases:
+
+  qemu-dst            a QEMU destination (-incoming defer) with default memory: every page
+                      it receives is faulted in as it is written
+  qemu-dst-prealloc   the same destination started with -mem-prealloc
+  multifd-recv        multifd-recv --qemu DIR (a new directory under --dir). Without the
+                      return path QEMU reports completed once its last byte is sent, so the
+                      receiver's exit (0, after it checked and put DIR in place) is awaited
+                      too, and its time from `migrate` to that exit is shown beside
+
+Repeats alternate the order of the cases, as in multifd-bench, and report medians. GB/s is
+guest RAM (decimal GB) over total-time.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from .mkimage import write_image
+from .qemu import Guest, QemuError
+
+CASES = ("qemu-dst", "qemu-dst-prealloc", "multifd-recv")
+IMAGE_ADDR = 0x1000000
+LISTENING = re.compile(r"listening on (\S+):(\d+)")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class QemuBench:
+    def __init__(self, size: int, channels: int, directory: str, timeout: float) -> None:
+        self.size, self.channels, self.timeout = size, channels, timeout
+        self.work = tempfile.mkdtemp(prefix="multifd-qemubench-", dir=directory)
+        self.image = os.path.join(self.work, "image")
+        write_image(self.image, size // 2, "random", 1)
+
+    def close(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def _source(self) -> Guest:
+        return Guest(mem=f"{self.size >> 20}M", image=self.image, image_addr=IMAGE_ADDR)
+
+    def _migrate(self, source: Guest, uri: str) -> float:
+        source.migrate(uri, channels=self.channels)
+        return source.wait_status("completed", timeout=self.timeout)["total-time"] / 1e3
+
+    def run(self, case: str) -> dict:
+        if case == "multifd-recv":
+            return self._into_multifd_recv()
+        port = _free_port()
+        with self._source() as source, Guest(mem=f"{self.size >> 20}M", incoming=True,
+                                             mem_prealloc=case.endswith("prealloc")) as dst:
+            dst.migrate_incoming(f"tcp:127.0.0.1:{port}", channels=self.channels)
+            seconds = self._migrate(source, f"tcp:127.0.0.1:{port}")
+            dst.wait_status("completed", timeout=self.timeout)
+        return {"seconds": seconds}
+
+    def _into_multifd_recv(self) -> dict:
+        out = os.path.join(self.work, "capture")
+        recv = subprocess.Popen(
+            [sys.executable, "-m", "multifd.recv_cli", "--listen", "127.0.0.1:0", "--quiet",
+             "--qemu", out], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True)
+        try:
+            match = LISTENING.search(recv.stderr.readline())
+            if match is None:
+                raise QemuError(f"multifd-recv did not start: {recv.stderr.read()[-500:]}")
+            with self._source() as source:
+                start = time.perf_counter()
+                seconds = self._migrate(source, f"tcp:127.0.0.1:{match.group(2)}")
+                if recv.wait(timeout=self.timeout) != 0:
+                    raise QemuError(f"multifd-recv exited {recv.returncode}: "
+                                    f"{recv.stderr.read()[-500:]}")
+                wall = time.perf_counter() - start
+            return {"seconds": seconds, "receiver_seconds": wall}
+        finally:
+            if recv.poll() is None:
+                recv.kill()
+                recv.wait()
+            recv.stderr.close()
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def summarize(size: int, channels: int, runs: dict, errors: dict) -> dict:
+    cases = {}
+    for case, results in runs.items():
+        if not results:
+            continue
+        seconds = statistics.median(r["seconds"] for r in results)
+        entry = {"runs": len(results), "total_time_s": round(seconds, 4),
+                 "gb_per_s": round(size / seconds / 1e9, 3)}
+        if "receiver_seconds" in results[0]:
+            entry["receiver_exit_s"] = round(
+                statistics.median(r["receiver_seconds"] for r in results), 4)
+        cases[case] = entry
+    ratios = {}
+    if "multifd-recv" in cases:
+        for base in ("qemu-dst", "qemu-dst-prealloc"):
+            if base in cases:
+                ratios[f"multifd-recv/{base}"] = round(
+                    cases["multifd-recv"]["gb_per_s"] / cases[base]["gb_per_s"], 3)
+    return {"guest_ram": size, "channels": channels, "cpu": cpu_model(), "cases": cases,
+            "ratios": ratios, "errors": errors}
+
+
+def table(result: dict) -> str:
+    lines = [f"QEMU source -> destination, guest RAM {result['guest_ram'] >> 20} MiB (half "
+             f"random), {result['channels']} multifd channels, {result['cpu']}",
+             "| case | QEMU total-time | GB/s | receiver exit |", "|---|---|---|---|"]
+    for case, c in result["cases"].items():
+        exit_s = f"{c['receiver_exit_s']:.3f} s" if "receiver_exit_s" in c else "–"
+        lines.append(f"| {case} | {c['total_time_s'] * 1e3:.0f} ms | {c['gb_per_s']:.2f} | "
+                     f"{exit_s} |")
+    lines += [f"{name}: {value:.2f}x" for name, value in result["ratios"].items()]
+    lines += [f"{case}: FAILED: {text}" for case, text in result["errors"].items()]
+    return "\n".join(lines)
+
+
+def run(size: int, channels: int, directory: str, repeat: int, timeout: float,
+        log) -> dict:
+    runs: dict = {case: [] for case in CASES}
+    errors: dict = {}
+    bench = QemuBench(size, channels, directory, timeout)
+    try:
+        for k in range(repeat):
+            for case in (CASES if k % 2 == 0 else CASES[::-1]):
+                if case in errors:
+                    continue
+                try:
+                    runs[case].append(bench.run(case))
+                    note = f"{runs[case][-1]['seconds'] * 1e3:.0f} ms"
+                except (QemuError, OSError, subprocess.SubprocessError) as exc:
+                    errors[case] = str(exc).splitlines()[0]
+                    note = f"FAILED: {errors[case]}"
+                log(f"[{k + 1}/{repeat}] {case}: {note}")
+    finally:
+        bench.close()
+    return summarize(size, channels, runs, errors)
