@@ -18,6 +18,7 @@ a capability of the source that this receiver cannot honour.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass
 
@@ -151,6 +152,11 @@ _U64 = struct.Struct(">Q")
 _CMD = struct.Struct(">HH")
 _INSTANCE = struct.Struct(">II")
 _VMDESC_START = b'{"page_size"'
+_ZERO_RECORD = struct.Struct(">QB")
+# Whole ZERO|CONTINUE records with fill 0: any offset bits, then the flags 0x022 (the low
+# nibble of byte 6, and byte 7), then the fill byte 0.
+_LOW_NIBBLE_ZERO = b"".join(re.escape(bytes([n])) for n in range(0, 256, 16))
+_ZERO_RUN = re.compile(b"(?:.{6}[" + _LOW_NIBBLE_ZERO + b"]\x22\x00)+", re.DOTALL)
 
 
 class MainStream:
@@ -500,6 +506,9 @@ class MainStream:
             value = _U64.unpack_from(buf, self._pos)[0]
             flags, offset = value & (PAGE_SIZE - 1), value & ~(PAGE_SIZE - 1)
             kind = flags & ~FLAG_CONTINUE
+            if flags == FLAG_ZERO | FLAG_CONTINUE and self._block is not None and \
+                    self._zero_block == self._block and self._zero_run():
+                continue
             if kind == FLAG_ZERO:
                 if not self._zero(flags, offset):
                     return False
@@ -556,6 +565,22 @@ class MainStream:
         if offset > self.blocks[block] - PAGE_SIZE:
             raise E.OutOfRange(f"main channel: page offset 0x{offset:x} beyond RAM block "
                                f"{block!r} (0x{self.blocks[block]:x} bytes)")
+
+    def _zero_run(self) -> int:
+        """Consecutive zero pages of the current block (ZERO|CONTINUE, fill 0: nine bytes
+        each, most of a precopy's main channel) taken at once, found and decoded in C rather
+        than record by record. Returns how many bytes it took (0: none)."""
+        match = _ZERO_RUN.match(self._buf, self._pos)
+        if match is None:
+            return 0
+        end = match.end()
+        offsets = [value & ~(PAGE_SIZE - 1) for value, _ in
+                   _ZERO_RECORD.iter_unpack(memoryview(self._buf)[self._pos:end])]
+        self._check_offset(self._block, max(offsets))
+        self._zeros += offsets
+        self.records["zero"] += len(offsets)
+        self._pos = end
+        return end
 
     def _zero(self, flags: int, offset: int) -> bool:
         got = self._record_block(flags)

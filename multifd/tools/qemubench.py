@@ -14,6 +14,8 @@ clock. The cases:
                       return path QEMU reports completed once its last byte is sent, so the
                       receiver's exit (0, after it checked and put DIR in place) is awaited
                       too, and its time from `migrate` to that exit is shown beside
+  qemucopy            multifd.tools.qemucopy: the least Python that captures the pages
+                      (threads, recv and pwrite, no checks): what Python itself allows
 
 Repeats alternate the order of the cases, as in multifd-bench, and report medians. GB/s is
 guest RAM (decimal GB) over total-time.
@@ -35,7 +37,7 @@ import time
 from .mkimage import write_image
 from .qemu import Guest, QemuError
 
-CASES = ("qemu-dst", "qemu-dst-prealloc", "multifd-recv")
+CASES = ("qemu-dst", "qemu-dst-prealloc", "multifd-recv", "qemucopy")
 IMAGE_ADDR = 0x1000000
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
 
@@ -76,7 +78,11 @@ class QemuBench:
 
     def run(self, case: str) -> dict:
         if case == "multifd-recv":
-            return self._into_multifd_recv()
+            return self._into_receiver(["-m", "multifd.recv_cli", "--listen", "127.0.0.1:0",
+                                        "--quiet", "--qemu"])
+        if case == "qemucopy":
+            return self._into_receiver(["-m", "multifd.tools.qemucopy", "--listen",
+                                        "127.0.0.1:0"])
         port = _free_port()
         with self._source() as source, Guest(mem=f"{self.size >> 20}M", incoming=True,
                                              mem_prealloc=case.endswith("prealloc")) as dst:
@@ -85,21 +91,21 @@ class QemuBench:
             dst.wait_status("completed", timeout=self.timeout)
         return {"seconds": seconds}
 
-    def _into_multifd_recv(self) -> dict:
+    def _into_receiver(self, argv: list[str]) -> dict:
+        """Into a receiving process `argv` + [DIR] that prints `listening on HOST:PORT`."""
         out = os.path.join(self.work, "capture")
         recv = subprocess.Popen(
-            [sys.executable, "-m", "multifd.recv_cli", "--listen", "127.0.0.1:0", "--quiet",
-             "--qemu", out], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            [sys.executable, *argv, out], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, text=True)
         try:
             match = LISTENING.search(recv.stderr.readline())
             if match is None:
-                raise QemuError(f"multifd-recv did not start: {recv.stderr.read()[-500:]}")
+                raise QemuError(f"{argv[1]} did not start: {recv.stderr.read()[-500:]}")
             with self._source() as source:
                 start = time.perf_counter()
                 seconds = self._migrate(source, f"tcp:127.0.0.1:{match.group(2)}")
                 if recv.wait(timeout=self.timeout) != 0:
-                    raise QemuError(f"multifd-recv exited {recv.returncode}: "
+                    raise QemuError(f"{argv[1]} exited {recv.returncode}: "
                                     f"{recv.stderr.read()[-500:]}")
                 wall = time.perf_counter() - start
             return {"seconds": seconds, "receiver_seconds": wall}
@@ -124,11 +130,11 @@ def summarize(size: int, channels: int, runs: dict, errors: dict) -> dict:
                 statistics.median(r["receiver_seconds"] for r in results), 4)
         cases[case] = entry
     ratios = {}
-    if "multifd-recv" in cases:
-        for base in ("qemu-dst", "qemu-dst-prealloc"):
-            if base in cases:
-                ratios[f"multifd-recv/{base}"] = round(
-                    cases["multifd-recv"]["gb_per_s"] / cases[base]["gb_per_s"], 3)
+    for case, base in (("multifd-recv", "qemu-dst"), ("multifd-recv", "qemu-dst-prealloc"),
+                       ("multifd-recv", "qemucopy"), ("qemucopy", "qemu-dst")):
+        if case in cases and base in cases:
+            ratios[f"{case}/{base}"] = round(cases[case]["gb_per_s"] / cases[base]["gb_per_s"],
+                                             3)
     return {"guest_ram": size, "channels": channels, "cpu": cpu_model(), "cases": cases,
             "ratios": ratios, "errors": errors}
 
