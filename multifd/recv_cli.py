@@ -38,6 +38,10 @@ def build_parser() -> A.Parser:
                    help="receive a migration from QEMU itself (multifd on, or off): its RAM "
                    "blocks, device state and a manifest go to DIR, a new or empty directory "
                    "(README: QEMU)")
+    p.add_argument("--qemu-channels", metavar="N", type=int,
+                   help="with --qemu: the source's multifd-channels, to wait for at the first "
+                   "sync point (default: those connected by then, which is all of them when "
+                   "QEMU connects directly)")
     p.add_argument("--qemu-uuid", metavar="UUID", type=_uuid,
                    help="with --qemu: accept multifd channels of the source started with "
                    "-uuid UUID only (default: whichever the first channel carries)")
@@ -92,6 +96,7 @@ async def _serve(host: str, port: int, args, credentials, faults, completed: lis
             side = Side("receiver", cli.timeouts_from(args), credentials, faults, _log)
             manifest = await receive_qemu(
                 listeners, args.qemu, side=side, uuid=args.qemu_uuid,
+                channels=args.qemu_channels,
                 on_complete=lambda m: completed.append(_QemuReport(m)))
             return _QemuReport(manifest)
         return await receive_image(
@@ -114,8 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(given) != 1:
         parser.error("give one of OUTPUT, --discard and --qemu DIR" if not given else
                      f"{' and '.join(given)} exclude each other")
-    if args.qemu_uuid is not None and args.qemu is None:
-        parser.error("--qemu-uuid needs --qemu")
+    for name in ("qemu_uuid", "qemu_channels"):
+        if getattr(args, name) is not None and args.qemu is None:
+            parser.error(f"--{name.replace('_', '-')} needs --qemu")
+    if args.qemu_channels is not None and not 0 <= args.qemu_channels <= 255:
+        parser.error("--qemu-channels must be in 0..255")
     host, port = cli.usage_guard(PROG, args.json, "receiver",
                                  functools.partial(parse_address, args.listen))
     if args.output is not None:

@@ -50,9 +50,10 @@ class Source:
 
     def __init__(self, port: int, streams: list[bytes], delays: list[float], *,
                  tls_dir: str | None = None, close_notify: bool = False,
-                 replies: int = 0) -> None:
+                 replies: int = 0, late: dict | None = None) -> None:
         self.port, self.streams, self.delays = port, streams, delays
         self.tls_dir, self.close_notify, self.replies = tls_dir, close_notify, replies
+        self.late = late or {}  # connection index: seconds before it connects (a proxy)
         self.received = b""  # what came back on the first stream (the return path)
         self.errors: list[BaseException] = []
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
@@ -65,6 +66,7 @@ class Source:
 
     def _run(self, i: int) -> None:
         try:
+            time.sleep(self.late.get(i, 0))
             sock = _client(self.port, self.tls_dir)
             try:
                 stream = self.streams[i]
@@ -91,7 +93,7 @@ class Source:
 
 
 async def capture(tmp_path, streams, delays=None, *, tls=None, tls_dir=None, log=None,
-                  **source) -> tuple[dict, Source, list]:
+                  channels=None, **source) -> tuple[dict, Source, list]:
     """Receive `streams` (the main channel first in the list, connected in `delays` order)
     into tmp_path/guest; returns (manifest, the source, the log)."""
     log = [] if log is None else log
@@ -102,7 +104,7 @@ async def capture(tmp_path, streams, delays=None, *, tls=None, tls_dir=None, log
     try:
         with trio.fail_after(20):
             manifest = await receive_qemu(listeners, str(tmp_path / "guest"),
-                                          side=_side(log, tls))
+                                          side=_side(log, tls), channels=channels)
     finally:
         for listener in listeners:
             await listener.aclose()
@@ -255,3 +257,33 @@ async def test_a_main_channel_cut_before_its_end_is_an_error(tmp_path):
     with pytest.raises(E.RemoteProtocolError, match="main channel"):
         await capture(tmp_path, [scenario.main[:-10], *scenario.channels])
     assert nothing_left(tmp_path)
+
+
+async def test_a_channel_connected_late_needs_its_count(tmp_path):
+    # A proxy between QEMU and the receiver may connect a channel after the main channel's
+    # first sync point: counted at that point, it is missing; told the count, it is awaited.
+    scenario = S.sample("7.2")
+    streams = [scenario.main, *scenario.channels]
+    (tmp_path / "a").mkdir()
+    with pytest.raises(E.RemoteProtocolError, match=r"^main channel, setup: multifd channel "
+                       r"1 connected after the main channel's first sync point, where 1 were "
+                       r"counted: .*\(give --qemu-channels\)$"):
+        # Channel 0 runs slowly: the migration is still on when channel 1 connects.
+        await capture(tmp_path / "a", streams, [0.0, 1.0, 0.0], late={2: 0.3})
+    assert os.listdir(tmp_path / "a") == []
+    (tmp_path / "b").mkdir()
+    manifest, _, _ = await capture(tmp_path / "b", streams, late={2: 0.3}, channels=2)
+    assert read_blocks(tmp_path / "b", scenario) == scenario.expected
+    assert manifest["channels"] == 2
+
+
+async def test_pages_never_sent_are_said(tmp_path):
+    # The last channel never connects: nothing tells the receiver it existed, but its pages
+    # were never sent, and the capture says so.
+    scenario = S.sample("7.2")
+    log: list = []
+    manifest, _, _ = await capture(tmp_path, [scenario.main, scenario.channels[0]], log=log)
+    never = {b["name"]: b["pages_never_sent"] for b in manifest["blocks"]}
+    assert never["pc.ram"] > 0
+    assert any(line.startswith(f"warning: {never['pc.ram']} pages of RAM block 'pc.ram' were "
+                               "never sent") for line in log), log

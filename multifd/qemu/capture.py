@@ -15,7 +15,8 @@ thread and writes pages straight into the block files:
 QEMU never says how many multifd channels it opens. It opens all of them, and each sends
 its init and its first SYNC, before the main channel's first sync point: so at that point,
 once no connection is still being greeted or waiting to be accepted, the set is complete and
-is closed (a later one is a stranger). The stream is complete when the main channel has
+is closed (a later one is a stranger). Between QEMU and the receiver, a proxy may connect
+the channels later than QEMU did: --qemu-channels N then says how many to wait for there. The stream is complete when the main channel has
 delivered its VMDESCRIPTION and every channel has ended at a packet boundary (QEMU before
 10.0 ends them without a TLS close: the framing decides). With the return-path capability
 QEMU waits for our SHUT before it closes anything: then completion is the main channel's end
@@ -51,6 +52,11 @@ MAIN = "main channel"
 READ_CHUNK = 1 << 20
 
 
+class LateChannel(E.RemoteProtocolError):
+    """A channel of this migration that came after they were counted: its pages would be
+    missing, so the capture fails (a stranger is only dropped)."""
+
+
 def channel_label(channel: int) -> str:
     return f"multifd channel {channel}"
 
@@ -73,6 +79,7 @@ class Capture:
     side: Side
     listeners: list
     uuid: bytes | None  # --qemu-uuid, or the first multifd channel's
+    expected: int | None = None  # --qemu-channels, or learnt at the first sync point
     epochs: Epochs = None
     main: Conn | None = None
     main_first: bytes = b""
@@ -98,8 +105,17 @@ class Capture:
 
     def claim_channel(self, conn: Conn, init: Q.ChannelInit) -> None:
         if self.sealed:
+            if init.uuid == self.uuid and init.id not in self.channels:
+                raise LateChannel(
+                    f"multifd channel {init.id} connected after the main channel's first "
+                    f"sync point, where {len(self.channels)} were counted: between QEMU and "
+                    f"this receiver something delays connections (give --qemu-channels)",
+                    channel=MAIN, stage=Stage.SETUP)
             raise E.RemoteProtocolError("a multifd channel after the migration's channels "
                                         "were counted (at its first sync point)")
+        if self.expected is not None and init.id >= self.expected:
+            raise E.RemoteProtocolError(f"multifd channel {init.id}, beyond the "
+                                        f"{self.expected} of --qemu-channels")
         if self.uuid is None:
             self.uuid = init.uuid
         elif init.uuid != self.uuid:
@@ -196,7 +212,7 @@ async def _greet(sock: socket.socket, pending: trio.CapacityLimiter, cap: Captur
             cap.claim_channel(conn, init)
     except BaseException as exc:
         await drop(conn, exc, side)
-        if targeted or not isinstance(exc, E.MultifdError):
+        if targeted or isinstance(exc, LateChannel) or not isinstance(exc, E.MultifdError):
             raise
     finally:
         cap.greeting -= 1
@@ -208,15 +224,22 @@ def _accept_pending(listeners) -> bool:
     return bool(select.select(fds, [], [], 0)[0])
 
 
+def _settled(cap: Capture) -> bool:
+    if cap.expected is not None:  # told: wait for that many (a proxy may connect late)
+        return len(cap.channels) >= cap.expected
+    return not cap.greeting and not _accept_pending(cap.listeners)
+
+
 async def _seal(cap: Capture) -> None:
-    """Close the set of multifd channels (see the module docstring)."""
+    """Close the set of multifd channels (see the module docstring), bounded by the
+    handshake timeout."""
     deadline = trio.current_time() + cap.side.timeouts.handshake
-    while (cap.greeting or _accept_pending(cap.listeners)) and \
-            trio.current_time() < deadline:
+    while not _settled(cap) and trio.current_time() < deadline:
         await trio.sleep(0.002)
     cap.sealed = True
     ids = sorted(cap.channels)
-    missing = sorted(set(range(max(ids, default=-1) + 1)) - set(ids))
+    count = max(ids, default=-1) + 1 if cap.expected is None else cap.expected
+    missing = sorted(set(range(count)) - set(ids))
     if missing:
         raise E.RemoteProtocolError(
             f"multifd channel{'s' if len(missing) > 1 else ''} "
@@ -407,16 +430,24 @@ def _write_out(cap: Capture, end: Q.End, manifest_of) -> dict:
         out.write_file("vmdescription.json", end.vmdescription)
     manifest = manifest_of({name: b.xxh3_128() for name, b in out.blocks.items()})
     out.write_file("manifest.json", json.dumps(manifest, indent=2).encode() + b"\n")
+    # A precopy sends every page at least once, but for pages the guest gave back (free
+    # page hinting, a balloon): they stay zero here. Said, not refused.
+    for block in manifest["blocks"]:
+        if block["pages_never_sent"]:
+            cap.side.log(f"warning: {block['pages_never_sent']} pages of RAM block "
+                         f"{block['name']!r} were never sent (left zero): free page hinting "
+                         "on the source, or a multifd channel that never arrived "
+                         "(--qemu-channels)")
     return manifest
 
 
 async def receive_qemu(listeners, output: str, *, side: Side, uuid: bytes | None = None,
-                       on_complete=None) -> dict:
+                       channels: int | None = None, on_complete=None) -> dict:
     """Accept one QEMU migration and put its RAM blocks and device state in `output`;
     returns the manifest (also written there). on_complete(manifest) is called once the
     directory is in place."""
     with OutputDir(output, side.faults.pwrite(os.pwrite)) as out:
-        cap = Capture(out, side, listeners, uuid)
+        cap = Capture(out, side, listeners, uuid, channels)
         try:
             with collapse_group():
                 async with trio.open_nursery() as nursery:
