@@ -4,6 +4,7 @@ channels, and its bounds; and multifd/qemu/blocks.py's page history and atomic d
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 import trio
@@ -170,3 +171,19 @@ def test_a_write_error_names_the_block(tmp_path):
         out.create_blocks([("pc.ram", 4096)])
         with pytest.raises(E.ImageError, match="RAM block 'pc.ram': No space left"):
             out.blocks["pc.ram"].write_pages((0,), b"x" * 4096)
+
+
+def test_an_abandoned_hidden_directory_is_removed_and_a_live_ones_kept(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    for pid, name in ((dead.pid, ".guest.abandoned.part"), (os.getpid(), ".guest.live.part")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / B.OWNER).write_text(f"{pid}\n")
+    said: list = []
+    with B.OutputDir(str(tmp_path / "guest"), log=said.append) as out:
+        assert not (tmp_path / ".guest.abandoned.part").exists()
+        assert (tmp_path / ".guest.live.part").exists()
+        assert said and "left by a receiver that ended" in said[0]
+        out.create_blocks([("pc.ram", 4096)])
+        out.publish()
+    assert not (tmp_path / "guest" / B.OWNER).exists()

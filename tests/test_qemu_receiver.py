@@ -27,8 +27,8 @@ from multifd.side import Side
 TIMEOUTS = Timeouts(connect=2, handshake=2, idle=2)
 
 
-def _side(log: list, tls=None) -> Side:
-    return Side("receiver", TIMEOUTS, tls, log=log.append)
+def _side(log: list, tls=None, timeouts=TIMEOUTS) -> Side:
+    return Side("receiver", timeouts, tls, log=log.append)
 
 
 def _client(port: int, tls_dir: str | None):
@@ -70,6 +70,9 @@ class Source:
             sock = _client(self.port, self.tls_dir)
             try:
                 stream = self.streams[i]
+                if stream is None:  # a stranger that says nothing for a while
+                    time.sleep(3)
+                    return
                 head = 0 if stream.startswith(S.MAGIC) else 64 + S.PACKET_HEADER
                 sock.sendall(stream[:head])
                 time.sleep(self.delays[i])
@@ -93,7 +96,7 @@ class Source:
 
 
 async def capture(tmp_path, streams, delays=None, *, tls=None, tls_dir=None, log=None,
-                  channels=None, **source) -> tuple[dict, Source, list]:
+                  channels=None, timeouts=TIMEOUTS, **source) -> tuple[dict, Source, list]:
     """Receive `streams` (the main channel first in the list, connected in `delays` order)
     into tmp_path/guest; returns (manifest, the source, the log)."""
     log = [] if log is None else log
@@ -104,7 +107,7 @@ async def capture(tmp_path, streams, delays=None, *, tls=None, tls_dir=None, log
     try:
         with trio.fail_after(20):
             manifest = await receive_qemu(listeners, str(tmp_path / "guest"),
-                                          side=_side(log, tls), channels=channels)
+                                          side=_side(log, tls, timeouts), channels=channels)
     finally:
         for listener in listeners:
             await listener.aclose()
@@ -287,3 +290,58 @@ async def test_pages_never_sent_are_said(tmp_path):
     assert never["pc.ram"] > 0
     assert any(line.startswith(f"warning: {never['pc.ram']} pages of RAM block 'pc.ram' were "
                                "never sent") for line in log), log
+
+
+def layout_9_1(return_path: bool = False) -> S.Scenario:
+    """QEMU 9.1/9.2: the completion ends with a SYNC on every channel and no FLUSH (the 9.0
+    layout with its last FLUSH taken out)."""
+    scenario = S.build(S.sample_epochs("9.0"), "9.0", return_path=return_path)
+    tail = S.flush() + S.eos() + S.footer(S.RAM_SECTION)
+    at = scenario.main.rfind(tail)
+    scenario.main = (scenario.main[:at] + S.eos() + S.footer(S.RAM_SECTION) +
+                     scenario.main[at + len(tail):])
+    return scenario
+
+
+def sync_ends(stream: bytes) -> list[int]:
+    """Where each SYNC packet of a multifd channel's stream ends."""
+    at, ends = 64, []
+    while at < len(stream):
+        flags, normal = struct.unpack_from(">I", stream, at + 8)[0], \
+            struct.unpack_from(">I", stream, at + 16)[0]
+        at += S.PACKET_HEADER + normal * S.PAGE
+        if flags & S.F_SYNC:
+            ends.append(at)
+    return ends
+
+
+async def test_the_9_1_completion_sync_is_awaited_with_the_return_path(tmp_path):
+    # QEMU keeps every connection open until the SHUT: the last epoch's pages, sent late,
+    # must be in before the directory is published.
+    scenario = layout_9_1(return_path=True)
+    manifest, source, _ = await capture(tmp_path, [scenario.main, *scenario.channels],
+                                        [0.0, 0.5, 0.5], replies=16)
+    assert read_blocks(tmp_path, scenario) == scenario.expected
+    assert {c["syncs"] for c in manifest["multifd"]} == {manifest["sync_points"] + 1}
+    assert source.received.endswith(bytes.fromhex("0001000400000000"))
+
+
+async def test_a_channel_cut_at_a_packet_boundary_is_an_error(tmp_path):
+    # 9.1: its last SYNC has no sync point to wait at, so only the count tells it was cut.
+    scenario = layout_9_1()
+    cut = scenario.channels[1][:sync_ends(scenario.channels[1])[-2]]
+    with pytest.raises(E.RemoteProtocolError, match="different numbers of SYNCs.*cut short"):
+        await capture(tmp_path, [scenario.main, scenario.channels[0], cut])
+    assert nothing_left(tmp_path)
+
+
+async def test_a_silent_stranger_while_the_channels_are_counted_breaks_nothing(tmp_path):
+    # The count waits for connections still being greeted (bounded); meanwhile the channels
+    # parked at their first SYNC must not take the main channel for stalled.
+    scenario = S.sample("7.2")
+    log: list = []
+    manifest, _, _ = await capture(tmp_path, [scenario.main, *scenario.channels, None],
+                                   [0.0, 0.0, 0.0, 0.0], log=log,
+                                   timeouts=Timeouts(connect=2, handshake=6, idle=1))
+    assert read_blocks(tmp_path, scenario) == scenario.expected
+    assert manifest["channels"] == 2

@@ -31,7 +31,8 @@ from ..image import check_parent, pwrite_all
 from .wire import PAGE_BITS, PAGE_SIZE
 
 NEVER, ZERO, DATA = 0, 1, 2
-_ZEROS = bytes(PAGE_SIZE * 16)
+_ZEROS = bytes(PAGE_SIZE)
+
 
 
 def check_output_dir(path: str) -> None:
@@ -68,8 +69,18 @@ class Block:
         pwrite_all(self._pwrite, self.fd, view, offset, f"RAM block {self.name!r}")
 
     def write_pages(self, offsets, payload) -> None:
-        """Pages in payload order at `offsets`; contiguous runs go out as one write."""
-        view, pages, n, i = memoryview(payload), self.pages, len(offsets), 0
+        """Pages in payload order at `offsets`. A run of contiguous pages (what a packet of
+        a paused guest's RAM is) is one write and one slice of the history, checked and done
+        at C speed: a Python loop per page here holds the GIL that the other channels'
+        threads need to return from their reads."""
+        n = len(offsets)
+        first = offsets[0]
+        if offsets == tuple(range(first, first + n * PAGE_SIZE, PAGE_SIZE)):
+            self._write(memoryview(payload), first)
+            index = first >> PAGE_BITS
+            self.pages[index:index + n] = bytes([DATA]) * n
+            return
+        view, pages, i = memoryview(payload), self.pages, 0
         while i < n:
             j = i + 1
             while j < n and offsets[j] == offsets[j - 1] + PAGE_SIZE:
@@ -81,6 +92,12 @@ class Block:
 
     def zero_pages(self, offsets) -> None:
         pages = self.pages
+        first, n = offsets[0], len(offsets)
+        if offsets == tuple(range(first, first + n * PAGE_SIZE, PAGE_SIZE)):
+            index = first >> PAGE_BITS
+            if DATA not in pages[index:index + n]:  # nothing to overwrite: holes stay holes
+                pages[index:index + n] = bytes([ZERO]) * n
+                return
         for offset in offsets:
             index = offset >> PAGE_BITS
             if pages[index] == DATA:
@@ -105,12 +122,15 @@ class Block:
 class OutputDir:
     """The hidden directory under construction, put in place by publish(), gone otherwise."""
 
-    def __init__(self, path: str, pwrite=os.pwrite) -> None:
+    def __init__(self, path: str, pwrite=os.pwrite, log=None) -> None:
         check_output_dir(path)
         self.path = path
         parent, name = os.path.split(os.path.abspath(path))
+        _remove_abandoned(parent, name, log)
         try:
             self.tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".part", dir=parent)
+            with open(os.path.join(self.tmp, OWNER), "x") as f:
+                f.write(f"{os.getpid()}\n")
             os.mkdir(os.path.join(self.tmp, "ram"))
         except OSError as exc:
             raise UsageError(f"cannot create a directory in {parent}: {exc.strerror}") \
@@ -134,19 +154,28 @@ class OutputDir:
         try:
             with open(os.path.join(self.tmp, name), "xb") as f:
                 f.write(data)
+                os.fsync(f.fileno())
         except OSError as exc:
             raise ImageError(f"writing {name} in {self.tmp}: {exc.strerror}") from None
 
     def publish(self) -> None:
-        """fsync everything, then rename the directory into place."""
+        """Make every file and directory durable, then rename the directory into place (the
+        files beside the blocks were synced as they were written)."""
         try:
             for block in self.blocks.values():
                 os.fsync(block.fd)
+            os.unlink(os.path.join(self.tmp, OWNER))
+            _fsync_dir(os.path.join(self.tmp, "ram"))
+            _fsync_dir(self.tmp)
             os.chmod(self.tmp, 0o777 & ~_umask())
             os.rename(self.tmp, self.path)
         except OSError as exc:
             raise ImageError(f"putting {self.path} in place: {exc.strerror}") from None
         self._published = True
+        try:  # the rename itself: best effort, the capture is in place either way
+            _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        except OSError:
+            pass
 
     def discard(self) -> None:
         for block in self.blocks.values():
@@ -159,6 +188,39 @@ class OutputDir:
 
     def __exit__(self, *exc) -> None:
         self.discard()
+
+
+OWNER = "owner.pid"  # in the hidden directory: the receiver writing it
+
+
+def _remove_abandoned(parent: str, name: str, log) -> None:
+    """Remove the hidden directories of earlier captures into `name` whose receiver is gone
+    (killed, or crashed on purpose: --fault crash); a live receiver's is left alone."""
+    for entry in os.listdir(parent):
+        if not (entry.startswith(f".{name}.") and entry.endswith(".part")):
+            continue
+        path = os.path.join(parent, entry)
+        try:
+            with open(os.path.join(path, OWNER)) as f:
+                pid = int(f.read())
+            os.kill(pid, 0)
+            continue  # its receiver still runs
+        except ProcessLookupError:
+            pass
+        except (OSError, ValueError):
+            continue  # not ours to judge
+        shutil.rmtree(path, ignore_errors=True)
+        if log is not None:
+            log(f"removed {path}, left by a receiver that ended before its capture was "
+                "complete")
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

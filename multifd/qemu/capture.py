@@ -92,6 +92,7 @@ class Capture:
     blocks: dict[str, int] = field(default_factory=dict)
     compression: str | None = None
     return_path: bool = False
+    completion_synced: bool = False  # the last sync point was in the completion section
     nursery: trio.Nursery | None = None
 
     def __post_init__(self) -> None:
@@ -114,8 +115,9 @@ class Capture:
             raise E.RemoteProtocolError("a multifd channel after the migration's channels "
                                         "were counted (at its first sync point)")
         if self.expected is not None and init.id >= self.expected:
-            raise E.RemoteProtocolError(f"multifd channel {init.id}, beyond the "
-                                        f"{self.expected} of --qemu-channels")
+            raise LateChannel(f"multifd channel {init.id} connected, beyond the "
+                              f"{self.expected} of --qemu-channels (is it the source's "
+                              f"multifd-channels?)", channel=MAIN, stage=Stage.SETUP)
         if self.uuid is None:
             self.uuid = init.uuid
         elif init.uuid != self.uuid:
@@ -233,7 +235,9 @@ def _settled(cap: Capture) -> bool:
 async def _seal(cap: Capture) -> None:
     """Close the set of multifd channels (see the module docstring), bounded by the
     handshake timeout."""
-    deadline = trio.current_time() + cap.side.timeouts.handshake
+    timeouts = cap.side.timeouts
+    deadline = trio.current_time() + min(timeouts.handshake, timeouts.idle)
+    cap.epochs.arrive(1)  # the main channel is at its sync point: its wait is the bounded one
     while not _settled(cap) and trio.current_time() < deadline:
         await trio.sleep(0.002)
     cap.sealed = True
@@ -297,6 +301,7 @@ async def _main_channel(cap: Capture) -> tuple[Q.End, Q.MainStream, object]:
                 if not cap.sealed:
                     await _seal(cap)
                 await cap.epochs.main_sync_point()
+                cap.completion_synced = parser.completing
         elif isinstance(event, Q.End):
             return event, parser, config
 
@@ -375,21 +380,43 @@ async def _channel_task(cap: Capture, channel: int, conn: Conn) -> None:
 # --- the whole migration
 
 async def _finish(cap: Capture) -> None:
-    """After the main channel's VMDESCRIPTION: the rest of every channel."""
+    """After the main channel's VMDESCRIPTION: the rest of every channel, and the check that
+    each delivered the same SYNCs, as many as the source sent (a channel cut short at a
+    packet boundary has fewer)."""
     epochs = cap.epochs
     epochs.release_all()
     if cap.return_path:
-        return  # QEMU closes nothing before our SHUT; every SYNC was matched already
-    await epochs.wait_for(lambda: len(epochs.ended) == len(cap.channels),
-                          lambda: [c for c in cap.channels if c not in epochs.ended],
-                          lambda: E.PeerTimeout(
-                              f"multifd channels {sorted(set(cap.channels) - epochs.ended)} "
-                              f"did not end within {epochs.idle:g}s of the main channel's",
-                              side=cap.side.name, stage=Stage.FINISH))
-    extra = await cap.main.run(Stage.FINISH, cap.main.recv_some, memoryview(bytearray(1)))
-    if extra:
-        raise E.RemoteProtocolError("bytes after the end of the stream (the VMDESCRIPTION)",
-                                    channel=MAIN, stage=Stage.FINISH)
+        # QEMU closes nothing before our SHUT: the markers must say every channel is done.
+        # 9.1+ ends the completion with a SYNC and no sync point after it.
+        want = epochs.passed + (0 if cap.completion_synced else 1)
+        await epochs.wait_for(
+            lambda: all(n >= want or c in epochs.ended for c, n in epochs.synced.items()),
+            lambda: [c for c, n in epochs.synced.items() if n < want],
+            lambda: E.PeerTimeout(
+                f"no SYNC {want} from multifd channels "
+                f"{[c for c, n in epochs.synced.items() if n < want]} within "
+                f"{epochs.idle:g}s: the completion ends without one (a source whose last "
+                f"iteration has no SYNC, QEMU 10's, needs no return-path capability here)",
+                channel=MAIN, stage=Stage.FINISH))
+    else:
+        await epochs.wait_for(lambda: len(epochs.ended) == len(cap.channels),
+                              lambda: [c for c in cap.channels if c not in epochs.ended],
+                              lambda: E.PeerTimeout(
+                                  f"multifd channels "
+                                  f"{sorted(set(cap.channels) - epochs.ended)} did not end "
+                                  f"within {epochs.idle:g}s of the main channel's",
+                                  side=cap.side.name, stage=Stage.FINISH))
+        extra = await cap.main.run(Stage.FINISH, cap.main.recv_some,
+                                   memoryview(bytearray(1)))
+        if extra:
+            raise E.RemoteProtocolError("bytes after the end of the stream (the "
+                                        "VMDESCRIPTION)", channel=MAIN, stage=Stage.FINISH)
+    counts = sorted(set(epochs.synced.values()))
+    if counts and (len(counts) > 1 or counts[0] < epochs.passed):
+        raise E.RemoteProtocolError(
+            f"the multifd channels ended with different numbers of SYNCs "
+            f"({dict(sorted(epochs.synced.items()))}, {epochs.passed} sync points): a channel "
+            f"was cut short", channel=MAIN, stage=Stage.FINISH)
 
 
 def _manifest(cap: Capture, end: Q.End, parser: Q.MainStream, config, digests: dict,
@@ -446,7 +473,7 @@ async def receive_qemu(listeners, output: str, *, side: Side, uuid: bytes | None
     """Accept one QEMU migration and put its RAM blocks and device state in `output`;
     returns the manifest (also written there). on_complete(manifest) is called once the
     directory is in place."""
-    with OutputDir(output, side.faults.pwrite(os.pwrite)) as out:
+    with OutputDir(output, side.faults.pwrite(os.pwrite), side.log) as out:
         cap = Capture(out, side, listeners, uuid, channels)
         try:
             with collapse_group():

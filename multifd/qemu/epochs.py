@@ -103,8 +103,7 @@ class Epochs:
                 f"{', '.join(map(str, late))} within {self.idle:g}s",
                 channel="main channel", stage=Stage.SYNC)
 
-        self.main_at = epoch
-        self.notify()
+        self.arrive(epoch)
         try:
             while behind():
                 if any(c in self.ended for c in behind()):
@@ -117,6 +116,12 @@ class Epochs:
         self.released = self.passed = epoch
         self.notify()
         return epoch
+
+    def arrive(self, epoch: int) -> None:
+        """The main channel is at sync point `epoch` (before main_sync_point() waits there):
+        the channels that wait for it watch no more."""
+        self.main_at = epoch
+        self.notify()
 
     def end(self, channel: int) -> None:
         self.ended.add(channel)
