@@ -890,3 +890,56 @@ def test_qemu_wire_imports_no_io_at_runtime():
     proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, (proc.stdout, proc.stderr)
+
+
+@pytest.mark.parametrize("method", ["zlib", "zstd"])
+def test_inflater_one_stream_per_channel_flushed_per_packet(method):
+    import zlib
+
+    import zstandard
+    pages = [bytes([n]) * PAGE + bytes(PAGE) for n in range(1, 4)]  # two pages a packet
+    if method == "zlib":
+        c = zlib.compressobj()
+        payloads = [c.compress(p) + c.flush(zlib.Z_SYNC_FLUSH) for p in pages]
+    else:
+        c = zstandard.ZstdCompressor().compressobj()
+        payloads = [c.compress(p) + c.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK) for p in pages]
+    inflater = W.Inflater(method)
+    assert [inflater.inflate(p, 2) for p in payloads] == pages
+
+
+@pytest.mark.parametrize("method", ["zlib", "zstd"])
+def test_inflater_stops_a_payload_that_decodes_to_more_than_its_pages(method):
+    import zlib
+
+    import zstandard
+    big = bytes(64 << 20)  # 64 MiB of zeros: a few KiB compressed
+    bomb = zlib.compress(big) if method == "zlib" else zstandard.ZstdCompressor().compress(big)
+    assert len(bomb) < W.MAX_PAYLOAD
+    with pytest.raises(E.RemoteProtocolError, match=r"more than|decodes to"):
+        W.Inflater(method).inflate(bomb, 1)
+
+
+@pytest.mark.parametrize("method", ["zlib", "zstd"])
+def test_inflater_refuses_garbage(method):
+    with pytest.raises(E.RemoteProtocolError, match=f"{method} payload"):
+        W.Inflater(method).inflate(b"\x00garbage" * 100, 1)
+
+
+@pytest.mark.parametrize("method", ["zlib", "zstd"])
+def test_inflater_full_packets_of_incompressible_pages(method):
+    # A packet's whole 512 KiB decodes from its payload alone, past any output buffer size
+    # of the decoder (a zstd decoder with a smaller one kept the tail back).
+    import zlib
+
+    import zstandard
+    rng = random.Random(5)
+    packets = [rng.randbytes(W.PACKET_PAGES * PAGE) for _ in range(3)]
+    if method == "zlib":
+        c = zlib.compressobj()
+        payloads = [c.compress(p) + c.flush(zlib.Z_SYNC_FLUSH) for p in packets]
+    else:
+        c = zstandard.ZstdCompressor(level=1).compressobj()
+        payloads = [c.compress(p) + c.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK) for p in packets]
+    inflater = W.Inflater(method)
+    assert [inflater.inflate(p, W.PACKET_PAGES) for p in payloads] == packets

@@ -765,20 +765,43 @@ def decode_packet(data, blocks: dict[str, int]) -> Packet:
     return Packet(flags, num, block, offsets[:normal], offsets[normal:], size, method)
 
 
+class _TooMuch(Exception):
+    pass
+
+
+class _BoundedSink:
+    """Where zstd writes what it decodes, up to `limit` bytes: a payload that would decode
+    to more stops at the limit instead of filling memory."""
+
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.limit = 0
+
+    def write(self, data) -> int:
+        if len(self.out) + len(data) > self.limit:
+            raise _TooMuch
+        self.out += data
+        return len(data)
+
+
 class Inflater:
     """One multifd channel's decompression: QEMU keeps one zlib or zstd stream per channel
     for the whole migration and flushes it at the end of every packet, so each payload
-    decodes to exactly its pages, given the payloads before it in order."""
+    decodes to exactly its pages, given the payloads before it in order. What a payload may
+    decode to is bounded by its pages, for either codec."""
 
     def __init__(self, method: str) -> None:
         self.method = method
         if method == "zlib":
             import zlib
-            self._zlib = zlib
             self._stream = zlib.decompressobj()
         elif method == "zstd":
             import zstandard  # only a zstd migration pays for loading it
-            self._stream = zstandard.ZstdDecompressor().decompressobj()
+            self._sink = _BoundedSink()
+            # An output buffer larger than a packet's pages: with a smaller one, what
+            # decodes past its last fill stays inside the decoder until more input comes.
+            self._stream = zstandard.ZstdDecompressor().stream_writer(
+                self._sink, write_size=PACKET_PAGES * PAGE_SIZE + PAGE_SIZE)
         else:
             raise E.Unsupported(f"multifd-compression {method}")
 
@@ -786,10 +809,15 @@ class Inflater:
         want = pages * PAGE_SIZE
         try:
             if self.method == "zlib":
-                # max_length bounds what a hostile payload can make us allocate.
                 out = self._stream.decompress(payload, want + 1)
             else:
-                out = self._stream.decompress(payload)
+                self._sink.out.clear()
+                self._sink.limit = want
+                self._stream.write(payload)
+                out = bytes(self._sink.out)
+        except _TooMuch:
+            raise E.RemoteProtocolError(f"zstd payload decodes to more than the {pages} "
+                                        "pages of its packet") from None
         except Exception as exc:  # each codec has its own error type
             raise E.RemoteProtocolError(f"{self.method} payload does not decode: {exc}") \
                 from None
