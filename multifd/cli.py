@@ -118,8 +118,11 @@ async def _with_signals(main):
     return report
 
 
-def run(prog: str, side: str, main, json_mode: bool, completed: list | None = None) -> int:
+def run(prog: str, side: str, main, json_mode: bool, completed: list | None = None,
+        failed=None) -> int:
     """Run `main` (an async function returning a Report) and report its outcome.
+
+    `failed(text)` gives the JSON object of a failure (default: a Report with ok false).
 
     `completed` receives the report as soon as the outcome is decided: a signal or error
     that arrives after that, during cleanup, does not turn a finished migration into a
@@ -139,7 +142,8 @@ def run(prog: str, side: str, main, json_mode: bool, completed: list | None = No
         code, text = _outcome(err, exc)
         _say(prog, side, text)
         if json_mode:
-            print(Report(side, ok=False, error=text).to_json(), flush=True)
+            print(failed(text) if failed else Report(side, ok=False, error=text).to_json(),
+                  flush=True)
         return code
     return _print_report(report, json_mode)
 

@@ -83,6 +83,11 @@ class _QemuReport:
         return "\n".join(lines)
 
 
+def _qemu_failed(error: str) -> str:
+    """A failed capture in --json: what failed, without the transport's image fields."""
+    return json.dumps({"side": "receiver", "ok": False, "error": error}, sort_keys=True)
+
+
 def _log(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
@@ -141,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     completed: list = []
     return cli.run(PROG, "receiver",
                    functools.partial(_serve, host, port, args, credentials, faults, completed),
-                   args.json, completed)
+                   args.json, completed, failed=_qemu_failed if args.qemu else None)
 
 
 if __name__ == "__main__":

@@ -345,3 +345,20 @@ async def test_a_silent_stranger_while_the_channels_are_counted_breaks_nothing(t
                                    timeouts=Timeouts(connect=2, handshake=6, idle=1))
     assert read_blocks(tmp_path, scenario) == scenario.expected
     assert manifest["channels"] == 2
+
+
+def test_a_failed_capture_in_json_says_only_what_failed(tmp_path):
+    import json
+
+    from conftest import start_receiver
+    recv = start_receiver("--qemu", str(tmp_path / "guest"), "--json")
+    with socket.create_connection((recv.host, recv.port)) as sock:
+        sock.sendall(S.header(version=2))
+        code, stdout, stderr = recv.finish(timeout=30)
+    assert code == 1, stderr
+    assert json.loads(stdout) == {"side": "receiver", "ok": False, "error": (
+        "main channel, data: stream version 2 (this receiver reads version 3, "
+        "QEMU 2.x and later)")}
+    assert stderr.strip().splitlines()[-1].endswith("stream version 2 (this receiver reads "
+                                                    "version 3, QEMU 2.x and later)")
+    assert os.listdir(tmp_path) == []

@@ -266,10 +266,10 @@ class MainStream:
             return False
         magic, version = bytes(self._buf[0:4]), _U32.unpack_from(self._buf, 4)[0]
         if magic != QEVM:
-            raise E.BadMagic(f"main channel: magic {magic.hex()} is not QEVM "
+            raise E.BadMagic(f"magic {magic.hex()} is not QEVM "
                              f"({QEVM.hex()})")
         if version != STREAM_VERSION:
-            raise E.BadVersion(f"main channel: stream version {version} (this receiver reads "
+            raise E.BadVersion(f"stream version {version} (this receiver reads "
                                f"version {STREAM_VERSION}, QEMU 2.x and later)")
         self._pos = 8
         self._step = self._top
@@ -290,7 +290,7 @@ class MainStream:
             return self._section_part(kind)
         if kind == SECTION_EOF:
             return self._begin_device_state("QEMU_VM_EOF")
-        raise E.RemoteProtocolError(f"main channel: unknown item type 0x{kind:02x} at stream "
+        raise E.RemoteProtocolError(f"unknown item type 0x{kind:02x} at stream "
                                     f"byte {self._offset()}")
 
     def _offset(self) -> int:
@@ -307,12 +307,12 @@ class MainStream:
         try:
             return raw.decode("ascii"), at + size_len + n
         except UnicodeDecodeError:
-            raise E.RemoteProtocolError(f"main channel: a name that is not ASCII: "
+            raise E.RemoteProtocolError(f"a name that is not ASCII: "
                                         f"{raw[:64]!r}") from None
 
     def _configuration(self) -> bool:
         if self._have(5) and _U32.unpack_from(self._buf, self._pos + 1)[0] > MAX_NAME:
-            raise E.LimitExceeded(f"main channel: a machine type name of "
+            raise E.LimitExceeded(f"a machine type name of "
                                   f"{_U32.unpack_from(self._buf, self._pos + 1)[0]} bytes")
         got = self._string(self._pos + 1, 4)
         if got is None:
@@ -337,7 +337,7 @@ class MainStream:
                     return False
                 count, at, names = _U32.unpack_from(self._buf, body)[0], body + 4, []
                 if count > MAX_CAPABILITIES:
-                    raise E.LimitExceeded(f"main channel: {count} capabilities in the "
+                    raise E.LimitExceeded(f"{count} capabilities in the "
                                           "configuration")
                 for _ in range(count):
                     got = self._string(at)
@@ -393,7 +393,7 @@ class MainStream:
             raise E.Unsupported(f"iterable section {idstr!r} (block migration, dirty "
                                 "bitmaps or VFIO): this receiver takes RAM only")
         if self.ram_section is not None:
-            raise E.RemoteProtocolError("main channel: a second RAM section start")
+            raise E.RemoteProtocolError("a second RAM section start")
         instance, version = _INSTANCE.unpack_from(self._buf, at)
         if version != 4:
             raise E.Unsupported(f"RAM section version {version} (this receiver reads 4)")
@@ -407,7 +407,7 @@ class MainStream:
             return False
         section = _U32.unpack_from(self._buf, self._pos + 1)[0]
         if self.ram_complete:
-            raise E.RemoteProtocolError("main channel: a RAM section after its completion")
+            raise E.RemoteProtocolError("a RAM section after its completion")
         if section != self.ram_section:
             raise E.Unsupported(f"a section part for section {section}, which is not RAM "
                                 "(another iterable section: block migration, dirty bitmaps "
@@ -423,7 +423,7 @@ class MainStream:
         kind, section = self._buf[self._pos], _U32.unpack_from(self._buf, self._pos + 1)[0]
         if kind != SECTION_FOOTER or section != self.ram_section:
             raise E.RemoteProtocolError(
-                f"main channel: after the RAM section's end, 0x{kind:02x} (section "
+                f"after the RAM section's end, 0x{kind:02x} (section "
                 f"{section}) instead of its footer 0x7e (section {self.ram_section})")
         self._pos += 5
         self.ram_complete = self.completing
@@ -432,7 +432,7 @@ class MainStream:
 
     def _begin_device_state(self, what: str) -> bool:
         if not self.ram_complete:
-            raise E.RemoteProtocolError(f"main channel: {what} before the end of the RAM "
+            raise E.RemoteProtocolError(f"{what} before the end of the RAM "
                                         "section (its completion, SECTION_END)")
         self._device_state += self._buf[self._pos:]
         self._buf = bytearray()
@@ -538,7 +538,7 @@ class MainStream:
                  "compression threads)", FLAG_HOOK: "rdma"}
         if kind in names:
             return E.Unsupported(f"the source uses {names[kind]}")
-        return E.RemoteProtocolError(f"main channel: a RAM record with flags 0x{flags:03x} "
+        return E.RemoteProtocolError(f"a RAM record with flags 0x{flags:03x} "
                                      f"at stream byte {self._offset()}")
 
     def _record_block(self, flags: int) -> tuple[str, int] | None:
@@ -546,7 +546,7 @@ class MainStream:
         at = self._pos + 8
         if flags & FLAG_CONTINUE:
             if self._block is None:
-                raise E.RemoteProtocolError("main channel: a CONTINUE record before any "
+                raise E.RemoteProtocolError("a CONTINUE record before any "
                                             "block was named")
             return self._block, at
         got = self._string(at)
@@ -554,14 +554,14 @@ class MainStream:
             return None
         name, at = got
         if name not in self.blocks:
-            raise E.RemoteProtocolError(f"main channel: a page of unknown RAM block "
+            raise E.RemoteProtocolError(f"a page of unknown RAM block "
                                         f"{name!r}")
         self._block = name
         return name, at
 
     def _check_offset(self, block: str, offset: int) -> None:
         if offset > self.blocks[block] - PAGE_SIZE:
-            raise E.OutOfRange(f"main channel: page offset 0x{offset:x} beyond RAM block "
+            raise E.OutOfRange(f"page offset 0x{offset:x} beyond RAM block "
                                f"{block!r} (0x{self.blocks[block]:x} bytes)")
 
     def _zero_run(self) -> int:
@@ -614,8 +614,8 @@ class MainStream:
         x-ignore-shared) until the lengths add up to `total`. A list split across reads is
         resumed where it stopped (`_listing`), not parsed again from its start."""
         if self.blocks or total == 0:
-            raise E.RemoteProtocolError("main channel: a second RAM block list" if self.blocks
-                                        else "main channel: an empty RAM block list")
+            raise E.RemoteProtocolError("a second RAM block list" if self.blocks
+                                        else "an empty RAM block list")
         if total > MAX_RAM:
             raise E.LimitExceeded(f"RAM blocks of {total} bytes in all (at most "
                                   f"{MAX_RAM >> 30} GiB)")
@@ -633,7 +633,7 @@ class MainStream:
             length = _U64.unpack_from(self._buf, at)[0]
             done = at + tail - self._pos
             if not name or name in blocks:
-                raise E.RemoteProtocolError(f"main channel: RAM block name {name!r} is empty "
+                raise E.RemoteProtocolError(f"RAM block name {name!r} is empty "
                                             "or given twice")
             if length == 0 or length % PAGE_SIZE:
                 raise E.Misaligned(f"RAM block {name!r}: {length} bytes is not a whole "
@@ -643,7 +643,7 @@ class MainStream:
             if len(blocks) > MAX_BLOCKS:
                 raise E.LimitExceeded(f"more than {MAX_BLOCKS} RAM blocks")
         if seen != total:
-            raise E.RemoteProtocolError(f"main channel: RAM blocks of {seen} bytes in all, "
+            raise E.RemoteProtocolError(f"RAM blocks of {seen} bytes in all, "
                                         f"announced as {total}")
 
         self._pos += done
