@@ -15,12 +15,15 @@ thread and writes pages straight into the block files:
 QEMU never says how many multifd channels it opens. It opens all of them, and each sends
 its init and its first SYNC, before the main channel's first sync point: so at that point,
 once no connection is still being greeted or waiting to be accepted, the set is complete and
-is closed (a later one is a stranger). Between QEMU and the receiver, a proxy may connect
-the channels later than QEMU did: --qemu-channels N then says how many to wait for there. The stream is complete when the main channel has
-delivered its VMDESCRIPTION and every channel has ended at a packet boundary (QEMU before
-10.0 ends them without a TLS close: the framing decides). With the return-path capability
-QEMU waits for our SHUT before it closes anything: then completion is the main channel's end
-with every channel synced, and SHUT(0) goes out once the directory is in place.
+is closed (a channel of the migration that comes later fails the capture). Between QEMU and
+the receiver, a proxy may connect the channels later than QEMU did: --qemu-channels N then
+says how many to wait for there.
+
+The stream is complete when the main channel has delivered its VMDESCRIPTION and every
+channel has ended at a packet boundary with as many SYNCs as the others (QEMU before 10.0
+ends them without a TLS close: the framing decides). With the return-path capability QEMU
+waits for our SHUT before it closes anything: then completion is every channel's SYNC of the
+completion, and SHUT(0) goes out once the directory is in place.
 
 The first failure cancels everything; the directory is removed (blocks.OutputDir).
 """
@@ -114,15 +117,14 @@ class Capture:
                     channel=MAIN, stage=Stage.SETUP)
             raise E.RemoteProtocolError("a multifd channel after the migration's channels "
                                         "were counted (at its first sync point)")
+        if self.uuid is not None and init.uuid != self.uuid:
+            raise E.RemoteProtocolError(f"uuid {init.uuid.hex()}, not the migration's "
+                                        f"{self.uuid.hex()}")
         if self.expected is not None and init.id >= self.expected:
             raise LateChannel(f"multifd channel {init.id} connected, beyond the "
                               f"{self.expected} of --qemu-channels (is it the source's "
                               f"multifd-channels?)", channel=MAIN, stage=Stage.SETUP)
-        if self.uuid is None:
-            self.uuid = init.uuid
-        elif init.uuid != self.uuid:
-            raise E.RemoteProtocolError(f"uuid {init.uuid.hex()}, not the migration's "
-                                        f"{self.uuid.hex()}")
+        self.uuid = init.uuid
         if init.id in self.channels:
             raise E.RemoteProtocolError(f"a second multifd channel {init.id}")
         self.channels[init.id] = conn
@@ -234,7 +236,7 @@ def _settled(cap: Capture) -> bool:
 
 async def _seal(cap: Capture) -> None:
     """Close the set of multifd channels (see the module docstring), bounded by the
-    handshake timeout."""
+    handshake or the idle timeout, whichever is shorter."""
     timeouts = cap.side.timeouts
     deadline = trio.current_time() + min(timeouts.handshake, timeouts.idle)
     cap.epochs.arrive(1)  # the main channel is at its sync point: its wait is the bounded one
