@@ -9,6 +9,7 @@ pages at C speed; runs are per contiguous range, not per page).
 
 from __future__ import annotations
 
+from . import codec
 from . import errors as E
 from . import wire
 from .conn import Conn
@@ -16,18 +17,20 @@ from .digest import DigestSum, block_term, term_bytes
 from .errors import Stage
 from .image import OutputFile, SourceImage
 from .pages import PageScanner, zeros
-from .wire import PacketKind, RunKind
+from .wire import Compression, PacketKind, RunKind
 
 
 _FULL = wire.FLAG_DIGEST | wire.FLAG_FULL_BLOCK
 
 
 class Counters:
-    __slots__ = ("packets", "pages", "zero_pages", "payload_bytes", "image_bytes", "blocks")
+    # payload_bytes: data pages' bytes; wire_bytes: what they took on the wire (compressed)
+    __slots__ = ("packets", "pages", "zero_pages", "payload_bytes", "wire_bytes",
+                 "image_bytes", "blocks")
 
     def __init__(self) -> None:
         self.packets = self.pages = self.zero_pages = 0
-        self.payload_bytes = self.image_bytes = self.blocks = 0
+        self.payload_bytes = self.wire_bytes = self.image_bytes = self.blocks = 0
 
     def merge(self, other: "Counters") -> None:
         for name in self.__slots__:
@@ -72,10 +75,13 @@ class ExactlyOnce:
 
 
 class BlockSender:
-    def __init__(self, conn: Conn, source: SourceImage, session: wire.Session) -> None:
+    def __init__(self, conn: Conn, source: SourceImage, session: wire.Session,
+                 method: codec.Method = codec.Method()) -> None:
         self.conn = conn
         self.source = source
         self.session = session
+        self.compressor = None if method.compression is Compression.NONE else \
+            codec.Compressor(method)
         self.scanner = PageScanner(session.page_size, session.block_bytes)
         self.seq = 0
         self.sum = DigestSum()
@@ -99,15 +105,25 @@ class BlockSender:
         runs, zero = self.scanner.runs(view, at, length)
         term = block_term(view[at:at + length], block)
         self.sum.add(term)
-        parts = [wire.encode_packet(PacketKind.PAGES, seq=self.seq, round=round,
-                                    offset=block * s.block_bytes, runs=runs, page_size=page,
-                                    flags=_FULL, digest=term_bytes(term))]
+        parts = [b""]  # the header, once the payload is known
         for first, n, kind in runs:
             if kind == RunKind.DATA:
                 lo, hi = at + first * page, at + min((first + n) * page, length)
                 parts.append(view[lo:hi])
                 if hi - lo < n * page:  # the image's partial last page travels zero-padded
                     parts.append(bytes(n * page - (hi - lo)))
+        data_bytes = (npages - zero) * page
+        packed = self.compressor.compress(b"".join(parts[1:])) \
+            if self.compressor is not None and data_bytes else None
+        compression = Compression.NONE if packed is None else self.session.compression
+        if packed is not None:
+            del parts[1:]
+            parts.append(packed)
+        parts[0] = wire.encode_packet(PacketKind.PAGES, seq=self.seq, round=round,
+                                      offset=block * s.block_bytes, runs=runs, page_size=page,
+                                      flags=_FULL, digest=term_bytes(term),
+                                      compression=compression,
+                                      payload_len=None if packed is None else len(packed))
         try:
             self.conn.send_parts(self.conn.side.faults.packet(self.conn.label, self.seq, parts))
         finally:
@@ -118,9 +134,10 @@ class BlockSender:
         c.blocks += 1
         c.pages += npages
         c.zero_pages += zero
-        c.payload_bytes += (npages - zero) * page
+        c.payload_bytes += data_bytes
+        c.wire_bytes += data_bytes if packed is None else len(packed)
         c.image_bytes += length
-        return (npages - zero) * page
+        return data_bytes if packed is None else len(packed)
 
     def send_marker(self, kind: PacketKind, round: int) -> None:
         self.conn.send_all(wire.encode_packet(kind, seq=self.seq, round=round))
@@ -150,6 +167,9 @@ class BlockReceiver:
         self.buf = bytearray(session.block_bytes)
         self.view = memoryview(self.buf)
         self.zeros = memoryview(zeros(session.block_bytes))
+        self.decompressor = None if session.compression is Compression.NONE else \
+            codec.Decompressor(session.compression)
+        self.packed = bytearray()  # a compressed payload, as it came
         self.head = bytearray(wire.PACKET.size)
         self.head_view = memoryview(self.head)
         self.runs_view = memoryview(bytearray(wire.RUN.size * session.block_pages))
@@ -196,15 +216,30 @@ class BlockReceiver:
         """The block's bytes into the buffer; returns (block, its length, zero pages)."""
         page = self.session.page_size
         block = h.offset // self.session.block_bytes
-        zero = 0
+        data = self._unpacked(h, runs)
+        zero, at = 0, 0
         for start, n, kind in runs:
             part = self.view[start * page:(start + n) * page]
-            if kind == RunKind.DATA:
-                self.conn.recv_exactly(part, "packet payload")
-            else:
+            if kind != RunKind.DATA:
                 part[:] = self.zeros[:n * page]
                 zero += n
+            elif data is None:
+                self.conn.recv_exactly(part, "packet payload")
+            else:
+                part[:] = data[at:at + n * page]
+                at += n * page
         return block, self.session.block_len(block), zero
+
+    def _unpacked(self, h: wire.PacketHeader, runs) -> memoryview | None:
+        """A compressed payload's data pages, decoded; None for a plain one (read in place)."""
+        if h.compression is Compression.NONE:
+            return None
+        if len(self.packed) < h.payload_len:
+            self.packed = bytearray(h.payload_len)
+        packed = memoryview(self.packed)[:h.payload_len]
+        self.conn.recv_exactly(packed, "packet payload")
+        size = sum(n for _, n, kind in runs if kind == RunKind.DATA) * self.session.page_size
+        return memoryview(self.decompressor.decompress(packed, size, h.seq))
 
     def _check_digest(self, h: wire.PacketHeader, block: int, length: int) -> None:
         term = block_term(self.view[:length], block)
@@ -228,5 +263,7 @@ class BlockReceiver:
         c.blocks += 1
         c.pages += -(-length // self.session.page_size)
         c.zero_pages += zero
-        c.payload_bytes += h.payload_len
+        c.payload_bytes += (-(-length // self.session.page_size) - zero) * \
+            self.session.page_size
+        c.wire_bytes += h.payload_len
         c.image_bytes += length

@@ -201,7 +201,7 @@ async def _migrate(registry: Registry, session: wire.Session | None, output_path
             await control.send(ctl, Stage.FINISH, wire.Done(session.image_size, total.digest()))
             report = Report.finished(side.name, counters, session.image_size, registry.channels,
                                      trio.current_time() - started, total.hexdigest(),
-                                     output_path)
+                                     output_path, session.compression.name.lower())
             if on_complete is not None:  # the outcome is decided: no later signal undoes it
                 on_complete(report)
         # Not shielded: the sender has DONE, and a signal or a failed TLS close now cannot

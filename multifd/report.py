@@ -14,7 +14,9 @@ class Report:
     side: str
     ok: bool = False
     bytes: int = 0  # image size
-    payload_bytes: int = 0  # page data on the wire (zero pages excluded)
+    payload_bytes: int = 0  # the data pages' bytes (zero pages excluded)
+    wire_payload_bytes: int = 0  # what they took on the wire (less, when compressed)
+    compression: str = "none"
     pages: int = 0
     zero_pages: int = 0
     packets: int = 0
@@ -26,9 +28,10 @@ class Report:
 
     @classmethod
     def finished(cls, side: str, counters, image_size: int, channels: int, seconds: float,
-                 digest: str, output: str | None = None) -> "Report":
+                 digest: str, output: str | None = None, compression: str = "none") -> "Report":
         """The report of a verified migration, from its merged pump.Counters."""
         return cls(side, ok=True, bytes=image_size, payload_bytes=counters.payload_bytes,
+                   wire_payload_bytes=counters.wire_bytes, compression=compression,
                    pages=counters.pages, zero_pages=counters.zero_pages,
                    packets=counters.packets, channels=channels, seconds=seconds,
                    digest=digest, output=output)
@@ -48,6 +51,10 @@ class Report:
                 f"({self.pages} pages, {self.zero_pages} zero) over {self.channels} channels "
                 f"in {self.seconds:.2f} s, {self.throughput / 1e9:.2f} GB/s")
         lines = [head]
+        if self.compression != "none" and self.wire_payload_bytes:
+            lines.append(f"  compression {self.compression}: {human_bytes(self.payload_bytes)}"
+                         f" of data pages in {human_bytes(self.wire_payload_bytes)}, ratio "
+                         f"{self.payload_bytes / self.wire_payload_bytes:.2f}")
         if self.digest:
             lines.append(f"  digest xxh3-128-sum:{self.digest}")
         if self.output:

@@ -28,7 +28,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from . import control
+from . import codec, control
 from . import errors as E
 from . import tls as T
 from . import wire
@@ -227,10 +227,11 @@ async def _complete(ctl: Conn, senders: list[BlockSender], rounds: int, side: Si
 
 
 def _session(source: SourceImage, channels: int, page_size: int, block_pages: int,
-             max_bandwidth: float | None, timeouts: Timeouts) -> wire.Session:
+             max_bandwidth: float | None, timeouts: Timeouts,
+             compression: wire.Compression = wire.Compression.NONE) -> wire.Session:
     """The session this image and these options make, or the usage error that says why not."""
     try:
-        session = wire.Session(source.size, page_size, block_pages)
+        session = wire.Session(source.size, page_size, block_pages, compression=compression)
     except E.LocalProtocolError as exc:
         raise E.UsageError(exc.message) from None
     if max_bandwidth and channels * session.block_bytes / max_bandwidth > timeouts.idle / 2:
@@ -247,6 +248,7 @@ def _session(source: SourceImage, channels: int, page_size: int, block_pages: in
 async def send_image(host: str, port: int, path: str, *, channels: int = 4,
                      page_size: int = DEFAULT_PAGE_SIZE, block_pages: int = DEFAULT_BLOCK_PAGES,
                      max_bandwidth: float | None = None, timeouts: Timeouts = Timeouts(),
+                     method: codec.Method = codec.Method(),
                      tls: T.ClientTls | None = None, faults: Faults = NO_FAULTS,
                      on_progress=None, on_complete=None) -> Report:
     """Migrate the image at `path` to the receiver at host:port. Raises MultifdError.
@@ -257,12 +259,13 @@ async def send_image(host: str, port: int, path: str, *, channels: int = 4,
         raise E.UsageError(f"--channels {channels} out of range (1..{wire.MAX_CHANNELS})")
     side = Side("sender", timeouts, tls, faults)
     with SourceImage(path) as source:
-        session = _session(source, channels, page_size, block_pages, max_bandwidth, timeouts)
+        session = _session(source, channels, page_size, block_pages, max_bandwidth, timeouts,
+                           method.compression)
         started = trio.current_time()
         async with open_sender_channels(host, port, uuid.uuid4().bytes, channels,
                                         side) as (ctl, datas):
             side.faults.phase(Phase.SETUP)
-            senders = [BlockSender(conn, source, session) for conn in datas]
+            senders = [BlockSender(conn, source, session, method) for conn in datas]
             async with control.concluding(lambda: ctl):
                 async with reporting_progress(on_progress, senders, session.image_size):
                     await control.send(ctl, Stage.SETUP, session)
@@ -270,7 +273,8 @@ async def send_image(host: str, port: int, path: str, *, channels: int = 4,
                     await _transfer(ctl, senders, max_bandwidth)
                 total, counters = await _complete(ctl, senders, ROUNDS, side)
                 report = Report.finished(side.name, counters, session.image_size, channels,
-                                         trio.current_time() - started, total.hexdigest())
+                                         trio.current_time() - started, total.hexdigest(),
+                                         compression=str(method))
                 if on_complete is not None:
                     on_complete(report)
             # DONE decided the outcome; the TLS close that follows only ends the stream

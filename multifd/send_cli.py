@@ -11,8 +11,9 @@ import argparse  # noqa: E402
 import functools
 
 from . import args as A
-from . import cli, tls, wire
+from . import cli, codec, tls, wire
 from .address import parse_address
+from .errors import UsageError
 from .send import send_image
 from .settings import DEFAULT_BLOCK_PAGES, DEFAULT_CHANNELS, DEFAULT_PAGE_SIZE
 
@@ -24,6 +25,14 @@ def _channels(text: str) -> int:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a channel count in 1..{wire.MAX_CHANNELS}")
     return int(text)
+
+
+def _method(text: str) -> codec.Method:
+    try:
+        return codec.parse(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(exc.message.partition(": ")[2] or exc.message) \
+            from None
 
 
 def build_parser() -> A.Parser:
@@ -41,6 +50,10 @@ def build_parser() -> A.Parser:
                    f"{DEFAULT_PAGE_SIZE})")
     p.add_argument("--packet-pages", type=int, default=DEFAULT_BLOCK_PAGES, metavar="N",
                    help=f"pages per packet (default {DEFAULT_BLOCK_PAGES})")
+    p.add_argument("--compress", type=_method, default=codec.Method(), metavar="METHOD",
+                   help="compress each packet's data pages: none (default), zlib[:1..9] "
+                   "(default level 1), zstd[:1..19] (default 3); a packet that does not "
+                   "shrink goes plain")
     p.add_argument("--tls", metavar="DIR", help="mutual TLS with the credentials in DIR "
                    "(ca-cert.pem, client-cert.pem, client-key.pem: QEMU's names)")
     p.add_argument("--tls-hostname", metavar="NAME", help="check the receiver's certificate "
@@ -64,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     completed: list = []
     main_fn = functools.partial(
         send_image, host, port, args.image, channels=args.channels, page_size=args.page_size,
-        block_pages=args.packet_pages, max_bandwidth=args.max_bandwidth,
+        block_pages=args.packet_pages, max_bandwidth=args.max_bandwidth, method=args.compress,
         timeouts=cli.timeouts_from(args), tls=credentials,
         faults=cli.faults_from(PROG, args, "send"),
         on_progress=cli.progress_printer("sending", not args.quiet and not args.json),

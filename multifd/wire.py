@@ -18,7 +18,7 @@ from . import errors as E
 MAGIC = 0x4D464431  # "MFD1": starts every hello and hello reply
 MAGIC_BYTES = MAGIC.to_bytes(4, "big")  # as it appears first on the wire
 PACKET_MAGIC = 0x4D464450  # "MFDP": starts every data packet
-VERSION = 1
+VERSION = 2  # 2: compressed payloads (Compression ZLIB, ZSTD)
 
 MAX_CHANNELS = 64
 MIN_PAGE_SIZE = 512
@@ -88,6 +88,8 @@ class DigestAlg(enum.IntEnum):
 
 class Compression(enum.IntEnum):
     NONE = 0
+    ZLIB = 1
+    ZSTD = 2
 
 
 class ErrorCode(enum.IntEnum):
@@ -402,8 +404,9 @@ class PacketHeader:
     seq: int
     round: int
     offset: int
-    payload_len: int
+    payload_len: int  # bytes on the wire after the run table (compressed, if it is)
     digest: bytes
+    compression: Compression = Compression.NONE
 
     @property
     def runs_len(self) -> int:
@@ -412,11 +415,16 @@ class PacketHeader:
 
 def encode_packet(kind: PacketKind, *, seq: int, round: int, offset: int = 0,
                   runs: tuple[tuple[int, int, int], ...] = (), page_size: int = 0,
-                  flags: int = 0, digest: bytes = _ZERO16) -> bytes:
-    """Header plus run table. `runs` are (first page in block, pages, RunKind)."""
+                  flags: int = 0, digest: bytes = _ZERO16,
+                  compression: Compression = Compression.NONE,
+                  payload_len: int | None = None) -> bytes:
+    """Header plus run table. `runs` are (first page in block, pages, RunKind). A
+    compressed payload gives its own length; a plain one is its data pages."""
     payload = sum(n for _, n, k in runs if k == RunKind.DATA) * page_size
+    if compression is not Compression.NONE:
+        payload = payload_len
     head = PACKET.pack(PACKET_MAGIC, kind, flags, len(runs), seq, round, offset, payload,
-                       Compression.NONE, b"\0\0\0", digest)
+                       compression, b"\0\0\0", digest)
     if not runs:
         return head
     return head + b"".join(RUN.pack(first, n, k, 0) for first, n, k in runs)
@@ -430,14 +438,19 @@ def decode_packet_header(data, session: Session) -> PacketHeader:
     if magic != PACKET_MAGIC:
         raise E.BadMagic(f"bad packet magic 0x{magic:08x} (expected 0x{PACKET_MAGIC:08x})")
     kind = _known(PacketKind, kind, f"packet {seq} kind")
-    _known(Compression, compression, f"packet {seq} compression")
+    compression = _known(Compression, compression, f"packet {seq} compression")
+    if compression not in (Compression.NONE, session.compression):
+        raise E.RemoteProtocolError(
+            f"packet {seq}: compressed with {compression.name.lower()}, and the session's "
+            f"method is {session.compression.name.lower()}")
     _canonical(reserved, b"\0\0\0", f"packet {seq}")
     if flags & ~_KNOWN_PACKET_FLAGS:
         raise E.RemoteProtocolError(f"packet {seq}: unknown flags 0x{flags:02x} "
                                     f"(expected a subset of 0x{_KNOWN_PACKET_FLAGS:02x})")
     if kind is not PacketKind.PAGES:
         for name, value in (("runs", nruns), ("payload length", payload), ("offset", offset),
-                            ("flags", flags), ("digest", int.from_bytes(digest, "big"))):
+                            ("flags", flags), ("digest", int.from_bytes(digest, "big")),
+                            ("compression", compression)):
             if value:
                 raise E.RemoteProtocolError(
                     f"{kind.name} packet {seq}: {name} is {value} (expected 0)")
@@ -454,7 +467,7 @@ def decode_packet_header(data, session: Session) -> PacketHeader:
     if payload > block_pages * session.page_size:
         raise E.LimitExceeded(f"packet {seq}: payload of {payload} bytes exceeds the "
                               f"{block_pages * session.page_size}-byte block")
-    return PacketHeader(kind, flags, nruns, seq, rnd, offset, payload, digest)
+    return PacketHeader(kind, flags, nruns, seq, rnd, offset, payload, digest, compression)
 
 
 def decode_runs(data, header: PacketHeader, session: Session) -> list[tuple[int, int, int]]:
@@ -491,8 +504,15 @@ def decode_runs(data, header: PacketHeader, session: Session) -> list[tuple[int,
     if header.flags & FLAG_FULL_BLOCK and end != block_pages:
         raise E.RemoteProtocolError(
             f"packet {header.seq}: full-block packet covers {end} of {block_pages} pages")
-    if header.payload_len != data_pages * session.page_size:
+    data_len = data_pages * session.page_size
+    if header.compression is not Compression.NONE:
+        # Compressed only where that is smaller: anything else is sent plain.
+        if not 0 < header.payload_len < data_len:
+            raise E.RemoteProtocolError(
+                f"packet {header.seq}: compressed payload of {header.payload_len} bytes for "
+                f"{data_pages} data pages (expected 1..{data_len - 1} bytes)")
+    elif header.payload_len != data_len:
         raise E.RemoteProtocolError(
             f"packet {header.seq}: payload of {header.payload_len} bytes does not match "
-            f"{data_pages} data pages ({data_pages * session.page_size} bytes)")
+            f"{data_pages} data pages ({data_len} bytes)")
     return runs

@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from multifd import wire as W
+
 from conftest import (assert_each_dropped, cli, files_in, run_sender, start_receiver,
                       start_sender, strangers_during_a_migration, unnamed_files_in, wait_until,
                       writing_into, written_into)
@@ -127,6 +129,38 @@ def _one_clean_line(stderr: str) -> str:
     return lines[0]
 
 
+@pytest.mark.parametrize("method", ["zlib", "zstd:3", "zlib:9"])
+def test_compressed_packets_arrive_identical(make_image, tmp_path, method):
+    # Mixed: zero pages (headers only), and data pages that zstd shrinks (the generator's
+    # pages repeat beyond zlib's window) or that go plain.
+    image = make_image(6 * MiB, "mixed")
+    out = str(tmp_path / "guest.img")
+    sent, received = migrate(image, out, "--compress", method)
+    with open(image, "rb") as a, open(out, "rb") as b:
+        assert a.read() == b.read()
+    assert sent["digest"] == received["digest"]
+    assert sent["compression"] == method if ":" in method else f"{method}:1"
+    assert received["compression"] == method.partition(":")[0]
+    assert sent["payload_bytes"] == received["payload_bytes"] > 0
+    assert sent["wire_payload_bytes"] == received["wire_payload_bytes"] <= sent["payload_bytes"]
+    if method.startswith("zstd"):
+        assert sent["wire_payload_bytes"] < sent["payload_bytes"]
+
+
+def test_a_corrupt_compressed_payload_names_channel_and_packet(make_image, tmp_path):
+    image = make_image(6 * MiB, "mixed")
+    (tmp_path / "out").mkdir()
+    recv = start_receiver(str(tmp_path / "out" / "guest.img"))
+    sent = run_sender(recv.address, image, "--compress", "zstd", "--channels", "2",
+                      "--fault", "corrupt-payload@1:packet=0")
+    rc, _, stderr = recv.finish()
+    assert sent.returncode == 1 and rc == 1
+    last = stderr.strip().splitlines()[-1]
+    assert re.search(r"data channel 1, data: packet 0( \(offset \d+\))?: (zstd payload "
+                     r"does not decode|checksum)", last), stderr
+    assert files_in(tmp_path / "out") == []
+
+
 def test_sender_usage_errors(make_image, tmp_path):
     image = make_image(MiB)
     empty = tmp_path / "empty.img"
@@ -145,6 +179,9 @@ def test_sender_usage_errors(make_image, tmp_path):
                                                               "second (125MB/s)"),
         (["127.0.0.1:1", image, "--idle-timeout", "soon"], "'soon' is not a duration"),
         (["127.0.0.1:1", image, "--page-size", "1000"], "page size"),
+        (["127.0.0.1:1", image, "--compress", "gzip"], "not one of none, zlib[:LEVEL], "
+                                                       "zstd[:LEVEL]"),
+        (["127.0.0.1:1", image, "--compress", "zstd:99"], "the zstd level is 1..19"),
     ]
     for args, expected in cases:
         result = run_sender(*args)
@@ -245,8 +282,8 @@ def test_strangers_are_dropped_and_the_migration_completes(make_image, tmp_path)
         for payload, says in (
                 (b"GET / HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\r\n", "bad magic"),
                 (b"\xde\xad\xbe\xef" * 16, "bad magic"),  # random bytes may start like TLS
-                (b"MFD1" + b"\x00\x01\x02\x00" + os.urandom(16) + bytes(8),
-                 "channel count 0 out of range"),
+                (b"MFD1" + W.VERSION.to_bytes(2, "big") + b"\x02\x00" + os.urandom(16) +
+                 bytes(8), "channel count 0 out of range"),
                 (b"", "no complete hello within 1s")):  # never speaks
             s = socket.create_connection((recv.host, recv.port), timeout=5)
             strangers.append((s, s.getsockname()[1], says))

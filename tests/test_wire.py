@@ -197,7 +197,7 @@ def test_encoded_sizes():
 def test_hello_layout():
     b = W.encode_hello(Hello(Role.DATA, SID, 3, 40))
     assert b[0:4] == b"MFD1"
-    assert b[4:6] == b"\x00\x01"  # version 1, big-endian
+    assert b[4:6] == b"\x00\x02"  # version 2, big-endian
     assert b[6] == 2  # role: data
     assert b[7] == 0  # flags
     assert b[8:24] == SID
@@ -211,9 +211,9 @@ def test_hello_layout():
 
 
 def test_hello_reply_layout():
-    assert W.encode_hello_reply(HelloStatus.OK) == b"MFD1\x00\x01\x00\x00"
-    assert W.encode_hello_reply(HelloStatus.BUSY) == b"MFD1\x00\x01\x05\x00"
-    assert W.encode_hello_reply(HelloStatus.BAD_HELLO) == b"MFD1\x00\x01\x06\x00"
+    assert W.encode_hello_reply(HelloStatus.OK) == b"MFD1\x00\x02\x00\x00"
+    assert W.encode_hello_reply(HelloStatus.BUSY) == b"MFD1\x00\x02\x05\x00"
+    assert W.encode_hello_reply(HelloStatus.BAD_HELLO) == b"MFD1\x00\x02\x06\x00"
 
 
 def test_hello_status_and_enum_values_match_the_document():
@@ -608,8 +608,8 @@ HELLO_ERRORS = {
                        [r"0x4d464431"]),
     "bad-magic-packet": (hello_raw(magic=W.PACKET_MAGIC), E.BadMagic, [r"0x4d464450"],
                          [r"0x4d464431"]),
-    "version-2": (hello_raw(version=2), E.BadVersion, [r"version 2\b"], [r"expected 1\b"]),
-    "version-0": (hello_raw(version=0), E.BadVersion, [r"version 0\b"], [r"expected 1\b"]),
+    "version-1": (hello_raw(version=1), E.BadVersion, [r"version 1\b"], [r"expected 2\b"]),
+    "version-0": (hello_raw(version=0), E.BadVersion, [r"version 0\b"], [r"expected 2\b"]),
     "role-0": (hello_raw(role=0), E.RemoteProtocolError, [r"role 0\b"], [r"1 control", r"2 data"]),
     "role-3": (hello_raw(role=3), E.RemoteProtocolError, [r"role 3\b"], [r"1 control", r"2 data"]),
     "role-255": (hello_raw(role=255), E.RemoteProtocolError, [r"role 255\b"],
@@ -659,10 +659,10 @@ REPLY_ERRORS = {
     "bad-magic": (reply_raw(magic=0x48545450), E.BadMagic, [r"0x48545450"], [r"0x4d464431"]),
     "bad-magic-packet": (reply_raw(magic=W.PACKET_MAGIC), E.BadMagic, [r"0x4d464450"],
                          [r"0x4d464431"]),
-    "version-2": (reply_raw(version=2), E.BadVersion, [r"version 2\b"],
-                  [r"(expected|we speak) 1\b"]),
+    "version-1": (reply_raw(version=1), E.BadVersion, [r"version 1\b"],
+                  [r"(expected|we speak) 2\b"]),
     "version-0-busy": (reply_raw(version=0, status=HelloStatus.BUSY), E.BadVersion,
-                       [r"version 0\b"], [r"(expected|we speak) 1\b"]),
+                       [r"version 0\b"], [r"(expected|we speak) 2\b"]),
     "unknown-status": (reply_raw(status=9), E.RemoteProtocolError, [r"status 9\b"],
                        [r"expected|0\.\.8"]),
     "reserved": (reply_raw(reserved=1), E.RemoteProtocolError, [r"\b1\b"], [r"expected zero"]),
@@ -728,8 +728,8 @@ CONTROL_ERRORS = {
                  [r"algorithm 0\b"], [r"expected"]),
     "digest-2": (frame_raw(CT.SESSION, session_body(digest=2)), E.RemoteProtocolError,
                  [r"algorithm 2\b"], [r"expected"]),
-    "compression-1": (frame_raw(CT.SESSION, session_body(compression=1)), E.RemoteProtocolError,
-                      [r"compression 1\b"], [r"expected"]),
+    "compression-3": (frame_raw(CT.SESSION, session_body(compression=3)), E.RemoteProtocolError,
+                      [r"compression 3\b"], [r"expected"]),
     "session-flags": (frame_raw(CT.SESSION, session_body(flags=1)), E.RemoteProtocolError,
                       [r"flags", r"\b1\b"], [r"expected zero"]),
     "session-reserved": (frame_raw(CT.SESSION, session_body(reserved=7)), E.RemoteProtocolError,
@@ -778,8 +778,11 @@ PACKET_ERRORS = {
     "flags-7": (packet_raw(flags=7), S, E.RemoteProtocolError, [r"0x07"], [r"expected|0x03"]),
     "flags-0x80": (packet_raw(flags=0x80), S, E.RemoteProtocolError, [r"0x80"],
                    [r"expected|0x03"]),
-    "compression-1": (packet_raw(compression=1), S, E.RemoteProtocolError, [r"compression 1\b"],
+    "compression-3": (packet_raw(compression=3), S, E.RemoteProtocolError, [r"compression 3\b"],
                       [r"expected"]),
+    # The session S sends plain pages: a zlib packet in it is refused by name.
+    "compression-not-the-sessions": (packet_raw(compression=1), S, E.RemoteProtocolError,
+                                     [r"compressed with zlib", r"method is none"], []),
     "reserved": (packet_raw(reserved=b"\0\0\1"), S, E.RemoteProtocolError, [r"x01"],
                  [r"expected zero"]),
     "misaligned-page": (packet_raw(offset=PAGE), S, E.Misaligned, [r"\b4096\b"],
