@@ -49,3 +49,25 @@ def image_digest(blocks) -> bytes:
     for b, data in blocks:
         total.add(block_term(data, b))
     return total.digest()
+
+
+class BlockTerms:
+    """Each block's term as last sent or received: the digest of an image whose blocks may
+    travel again in later rounds (live precopy) is the sum of their last terms, which is the
+    digest of the final state. Shared by a side's channel threads: each writes only the
+    blocks it carries (a block is on one channel at a time), and the sum is taken at the end.
+    """
+
+    __slots__ = ("terms",)
+
+    def __init__(self, nblocks: int) -> None:
+        self.terms = [0] * nblocks
+
+    def set(self, block: int, term: int) -> None:
+        self.terms[block] = term
+
+    def sum(self) -> DigestSum:
+        total = DigestSum()
+        for term in self.terms:
+            total.add(term)
+        return total

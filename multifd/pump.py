@@ -9,11 +9,13 @@ pages at C speed; runs are per contiguous range, not per page).
 
 from __future__ import annotations
 
+import array
+
 from . import codec
 from . import errors as E
 from . import wire
 from .conn import Conn
-from .digest import DigestSum, block_term, term_bytes
+from .digest import BlockTerms, DigestSum, block_term, term_bytes
 from .errors import Stage
 from .image import OutputFile, SourceImage
 from .pages import PageScanner, zeros
@@ -38,53 +40,58 @@ class Counters:
 
 
 def totals(pumps) -> tuple[DigestSum, Counters]:
-    """The migration's digest and counts: the sum of every channel's."""
-    total, counters = DigestSum(), Counters()
+    """The migration's digest (the sum of every block's last term, whichever table of
+    terms its channel kept) and counts (the sum of every channel's)."""
+    total, counters, tables = DigestSum(), Counters(), {}
     for pump in pumps:
-        total.merge(pump.sum)
+        tables[id(pump.terms)] = pump.terms
         counters.merge(pump.counters)
+    for table in tables.values():
+        total.merge(table.sum())
     return total, counters
 
 
-class ExactlyOnce:
-    """The arrival policy of a one-round migration: every block arrives exactly once.
+class LastRoundWins:
+    """The arrival policy: every block in round 0; in a later round a block may come again
+    (a live source dirtied it), at most once a round; the last copy is the one that stays
+    (written last: the round barrier orders rounds) and whose term counts (BlockTerms).
 
-    Shared by every channel's thread: one byte per block, set (never incremented, so no two
-    threads race on a read-modify-write) when a block arrives. With the number of blocks
-    received it proves, at the end, that each block came exactly once: a duplicate cannot
-    stand in for a missing block.
-
-    It is the one place that knows the rule. A policy for live rounds keeps the same two
-    calls: arrived() also learns the round (a block may come again in a later round, and at
-    most once per round), and check() asks that the last round covered what was dirtied.
+    Shared by every channel's thread: one entry per block, the last round it came in, set
+    (never read-modified-written by two threads: a block is on one channel a round). It is the
+    one place that knows the rule.
     """
 
     def __init__(self, nblocks: int) -> None:
         self.nblocks = nblocks
-        self._seen = bytearray(nblocks)
+        self._last = array.array("l", [-1]) * nblocks
 
     def arrived(self, block: int, round: int) -> None:
-        self._seen[block] = 1
+        if self._last[block] == round:
+            raise E.RemoteProtocolError(f"block {block} came twice in round {round}")
+        if self._last[block] > round:
+            raise E.RemoteProtocolError(f"block {block} of round {round} after its copy of "
+                                        f"round {self._last[block]}")
+        self._last[block] = round
 
-    def check(self, blocks_received: int) -> None:
-        covered = self.nblocks - self._seen.count(0)
-        if blocks_received != self.nblocks or covered != self.nblocks:
+    def check(self) -> None:
+        missing = self._last.count(-1)
+        if missing:
             raise E.VerificationError(
-                f"received {blocks_received} blocks covering {covered} of the {self.nblocks} "
-                f"blocks (expected each exactly once)", side="receiver", stage=Stage.VERIFY)
+                f"{missing} of the {self.nblocks} blocks never came (round 0 sends them all)",
+                side="receiver", stage=Stage.VERIFY)
 
 
 class BlockSender:
     def __init__(self, conn: Conn, source: SourceImage, session: wire.Session,
-                 method: codec.Method = codec.Method()) -> None:
+                 method: codec.Method = codec.Method(), terms: BlockTerms | None = None) -> None:
         self.conn = conn
         self.source = source
         self.session = session
+        self.terms = BlockTerms(session.nblocks) if terms is None else terms
         self.compressor = None if method.compression is Compression.NONE else \
             codec.Compressor(method)
         self.scanner = PageScanner(session.page_size, session.block_bytes)
         self.seq = 0
-        self.sum = DigestSum()
         self.counters = Counters()
 
     def send_blocks(self, first: int, last: int, round: int = 0) -> int:
@@ -104,7 +111,7 @@ class BlockSender:
         npages = -(-length // page)
         runs, zero = self.scanner.runs(view, at, length)
         term = block_term(view[at:at + length], block)
-        self.sum.add(term)
+        self.terms.set(block, term)
         parts = [b""]  # the header, once the payload is known
         for first, n, kind in runs:
             if kind == RunKind.DATA:
@@ -158,7 +165,8 @@ class BlockReceiver:
     """
 
     def __init__(self, conn: Conn, session: wire.Session, output: OutputFile | None,
-                 arrivals: ExactlyOnce, channel: int = 0) -> None:
+                 arrivals: LastRoundWins, channel: int = 0,
+                 terms: BlockTerms | None = None) -> None:
         self.conn = conn
         self.channel = channel
         self.session = session
@@ -174,7 +182,7 @@ class BlockReceiver:
         self.head_view = memoryview(self.head)
         self.runs_view = memoryview(bytearray(wire.RUN.size * session.block_pages))
         self.seq = 0
-        self.sum = DigestSum()
+        self.terms = BlockTerms(session.nblocks) if terms is None else terms
         self.counters = Counters()
 
     def receive_round(self, round: int) -> wire.PacketHeader:
@@ -187,8 +195,9 @@ class BlockReceiver:
                 return h
             runs = self._runs(h)
             block, length, zero = self._payload(h, runs)
-            self._check_digest(h, block, length)
+            term = self._check_digest(h, block, length)
             self.arrivals.arrived(block, round)
+            self.terms.set(block, term)
             self._write(h, runs, length)
             self._count(h, length, zero)
 
@@ -241,19 +250,21 @@ class BlockReceiver:
         size = sum(n for _, n, kind in runs if kind == RunKind.DATA) * self.session.page_size
         return memoryview(self.decompressor.decompress(packed, size, h.seq))
 
-    def _check_digest(self, h: wire.PacketHeader, block: int, length: int) -> None:
+    def _check_digest(self, h: wire.PacketHeader, block: int, length: int) -> int:
         term = block_term(self.view[:length], block)
         if term_bytes(term) != h.digest:
             raise E.ChecksumMismatch(f"packet {h.seq} (offset {h.offset}): checksum "
                                      f"{term:032x} (expected {h.digest.hex()})")
-        self.sum.add(term)
+        return term
 
     def _write(self, h: wire.PacketHeader, runs, length: int) -> None:
         if self.output is None:
             return
         page = self.session.page_size
         for start, n, kind in runs:
-            if kind == RunKind.DATA:
+            # Zero runs of round 0 stay holes; in a later round the page may hold data of an
+            # earlier one, and its zeros must be written.
+            if kind == RunKind.DATA or h.round:
                 lo = start * page
                 self.output.write(self.view[lo:min((start + n) * page, length)], h.offset + lo)
 

@@ -31,7 +31,8 @@ from .conn import Conn
 from .errors import Stage, collapse_group
 from .faults import NO_FAULTS, Faults, Phase
 from .image import OutputFile
-from .pump import BlockReceiver, ExactlyOnce, totals
+from .digest import BlockTerms
+from .pump import BlockReceiver, LastRoundWins, totals
 from .registry import Registry, open_registry, wait_for_channels
 from .report import Report, reporting_progress
 from .settings import Timeouts
@@ -153,7 +154,7 @@ async def _sync(ctl: Conn, output: OutputFile) -> None:
 
 
 def _verify(session: wire.Session, complete: wire.Complete, receivers: list[BlockReceiver],
-            arrivals: ExactlyOnce, rounds: set[int]):
+            arrivals: LastRoundWins, rounds: set[int]):
     """What the channels delivered against what the sender announced; returns the totals."""
     def fail(message: str) -> None:
         raise E.VerificationError(message, side="receiver", stage=Stage.VERIFY)
@@ -162,7 +163,7 @@ def _verify(session: wire.Session, complete: wire.Complete, receivers: list[Bloc
     if complete.rounds < 1 or rounds != {complete.rounds}:
         fail(f"channels ended after rounds {sorted(rounds)} (sender says {complete.rounds}; "
              f"expected at least 1)")
-    arrivals.check(counters.blocks)
+    arrivals.check()
     for name, got, announced in (("packets", counters.packets, complete.packets),
                                  ("pages", counters.pages, complete.pages),
                                  ("zero pages", counters.zero_pages, complete.zero_pages)):
@@ -183,9 +184,9 @@ async def _migrate(registry: Registry, session: wire.Session | None, output_path
     output = OutputFile(output_path, session.image_size,
                         side.faults.pwrite(os.pwrite)) if output_path else None
     with output if output is not None else nullcontext():
-        arrivals = ExactlyOnce(session.nblocks)
-        receivers = [BlockReceiver(registry.data[i], session, output, arrivals, channel=i)
-                     for i in range(registry.channels)]
+        arrivals, terms = LastRoundWins(session.nblocks), BlockTerms(session.nblocks)
+        receivers = [BlockReceiver(registry.data[i], session, output, arrivals, channel=i,
+                                   terms=terms) for i in range(registry.channels)]
         await control.send(ctl, Stage.SETUP, wire.Ready())
         async with reporting_progress(on_progress, receivers, session.image_size):
             rounds, complete = await _receive_rounds(ctl, receivers)

@@ -37,6 +37,7 @@ from .conn import Conn, TlsConn, within_handshake
 from .errors import Stage, collapse_group
 from .faults import NO_FAULTS, Faults, Phase
 from .image import SourceImage
+from .digest import BlockTerms
 from .pump import BlockSender, totals
 from .ratelimit import RateLimiter, batch_bytes_for
 from .report import Report, reporting_progress
@@ -265,7 +266,8 @@ async def send_image(host: str, port: int, path: str, *, channels: int = 4,
         async with open_sender_channels(host, port, uuid.uuid4().bytes, channels,
                                         side) as (ctl, datas):
             side.faults.phase(Phase.SETUP)
-            senders = [BlockSender(conn, source, session, method) for conn in datas]
+            terms = BlockTerms(session.nblocks)
+            senders = [BlockSender(conn, source, session, method, terms) for conn in datas]
             async with control.concluding(lambda: ctl):
                 async with reporting_progress(on_progress, senders, session.image_size):
                     await control.send(ctl, Stage.SETUP, session)

@@ -2,7 +2,8 @@
 
 The image is small (4 KiB pages, 4-page blocks) with a known pattern of zero and data pages
 and a partial last page, so every count the pumps keep can be checked against the pattern.
-Covers: the output equals the input, both sides' digests and counters, ExactlyOnce's proof,
+Covers: the output equals the input, both sides' digests and counters, LastRoundWins' proof
+(and a second round whose copies win, zero pages included),
 a corrupted payload and packets out of their round or their order.
 """
 
@@ -23,7 +24,7 @@ from multifd.digest import image_digest
 from multifd.errors import Stage
 from multifd.faults import Faults, parse
 from multifd.image import OutputFile, SourceImage
-from multifd.pump import BlockReceiver, BlockSender, ExactlyOnce, totals
+from multifd.pump import BlockReceiver, BlockSender, LastRoundWins, totals
 from multifd.settings import Timeouts
 from multifd.side import Side
 
@@ -116,7 +117,7 @@ async def test_two_channels_deliver_the_image_whole(image, links, tmp_path):
     split = [[(0, 2), (2, 4)], [(4, 7)]]  # channel 0 takes two hops, channel 1 one
     markers: list = []
     with SourceImage(image.path) as source, OutputFile(str(out), session.image_size) as output:
-        arrivals = ExactlyOnce(session.nblocks)
+        arrivals = LastRoundWins(session.nblocks)
         senders, receivers = [], []
         for channel in range(2):
             tx, rx = links(label=f"data channel {channel}")
@@ -127,7 +128,7 @@ async def test_two_channels_deliver_the_image_whole(image, links, tmp_path):
                 for channel in range(2):
                     nursery.start_soon(_send, senders[channel], split[channel])
                     nursery.start_soon(_receive, receivers[channel], markers)
-        arrivals.check(sum(r.counters.blocks for r in receivers))
+        arrivals.check()
         output.publish()
     assert _read(out) == image.data
 
@@ -161,42 +162,89 @@ async def test_send_blocks_returns_the_payload_it_sent(image, links):
     assert (sender.seq, sender.counters.zero_pages, sender.counters.pages) == (2, 6, 8)
 
 
-def test_exactly_once_proves_every_block_came_once():
-    arrivals = ExactlyOnce(4)
-    for block in (2, 0, 3, 1):
+def test_every_block_must_come_in_round_0():
+    arrivals = LastRoundWins(4)
+    for block in (2, 0, 3):
         arrivals.arrived(block, 0)
-    arrivals.check(4)
-    with pytest.raises(E.VerificationError, match=r"^verify: received 5 blocks covering 4 of "
-                                                  r"the 4 blocks \(expected each exactly once\)$"):
-        arrivals.check(5)
+    with pytest.raises(E.VerificationError, match=r"^verify: 1 of the 4 blocks never came"):
+        arrivals.check()
+    arrivals.arrived(1, 0)
+    arrivals.arrived(2, 1)  # again, in a later round: a live source dirtied it
+    arrivals.check()
 
 
-def test_exactly_once_a_duplicate_cannot_stand_in_for_a_missing_block():
-    arrivals = ExactlyOnce(4)
-    for block in (0, 1, 1, 3):
-        arrivals.arrived(block, 0)
-    with pytest.raises(E.VerificationError, match=r"received 4 blocks covering 3 of the 4 "
-                                                  r"blocks \(expected each exactly once\)"):
-        arrivals.check(4)
+def test_a_block_twice_in_one_round_or_back_in_time_is_refused_at_once():
+    arrivals = LastRoundWins(4)
+    arrivals.arrived(1, 0)
+    with pytest.raises(E.RemoteProtocolError, match=r"^block 1 came twice in round 0$"):
+        arrivals.arrived(1, 0)
+    arrivals.arrived(1, 2)
+    with pytest.raises(E.RemoteProtocolError, match=r"^block 1 of round 1 after its copy of "
+                                                    r"round 2$"):
+        arrivals.arrived(1, 1)
 
 
-async def test_a_block_sent_twice_and_one_never_fails_the_check(image, links):
+async def test_a_block_sent_twice_in_a_round_is_a_protocol_error(image, links):
     session = image.session
     tx, rx = links()
-    arrivals = ExactlyOnce(session.nblocks)
-    markers: list = []
     with SourceImage(image.path) as source:
         sender = BlockSender(tx, source, session)
-        receiver = BlockReceiver(rx, session, None, arrivals)
+        receiver = BlockReceiver(rx, session, None, LastRoundWins(session.nblocks))
+        with trio.fail_after(10):
+            with pytest.raises(E.RemoteProtocolError, match="block 3 came twice in round 0"):
+                with E.collapse_group():
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(_send, sender, [(0, 4), (3, 5), (6, 7)])
+                        nursery.start_soon(_receive, receiver, [])
+
+
+async def test_a_later_round_wins_and_its_zero_pages_are_written(image, links, tmp_path):
+    # Round 0 sends the image; then block 0's data pages become zero and block 2 changes,
+    # and round 1 sends those two again. The output and both digests are of the final state.
+    session = image.session
+    tx, rx = links()
+    out = tmp_path / "out.img"
+    final = bytearray(image.data)
+    bb = session.block_bytes
+    final[0:bb] = bytes(bb)
+    final[2 * bb:3 * bb] = random.Random(9).randbytes(bb)
+    markers: list = []
+    with SourceImage(image.path) as source, OutputFile(str(out), session.image_size) as output:
+        arrivals = LastRoundWins(session.nblocks)
+        sender = BlockSender(tx, source, session)
+        receiver = BlockReceiver(rx, session, output, arrivals)
+
+        async def send():
+            await tx.run(Stage.DATA, sender.send_blocks, 0, session.nblocks, 0)
+            await tx.run(Stage.SYNC, sender.send_marker, wire.PacketKind.SYNC, 0)
+            await sync_done.wait()  # the image changes between the rounds, as a guest does
+            with open(image.path, "r+b") as f:
+                f.write(final)
+            for block in (0, 2):
+                await tx.run(Stage.DATA, sender.send_blocks, block, block + 1, 1)
+            await tx.run(Stage.SYNC, sender.send_marker, wire.PacketKind.SYNC, 1)
+            await tx.run(Stage.FINISH, sender.finish, 2)
+
+        async def receive():
+            for round in range(3):
+                markers.append(await rx.run(Stage.DATA, receiver.receive_round, round))
+                if round == 0:
+                    sync_done.set()
+
+        sync_done = trio.Event()
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
-                # block 3 twice, block 5 never: as many blocks as the image has
-                nursery.start_soon(_send, sender, [(0, 4), (3, 5), (6, 7)])
-                nursery.start_soon(_receive, receiver, markers)
-    assert receiver.counters.blocks == session.nblocks
-    with pytest.raises(E.VerificationError, match=r"received 7 blocks covering 6 of the 7 "
-                                                  r"blocks \(expected each exactly once\)"):
-        arrivals.check(receiver.counters.blocks)
+                nursery.start_soon(send)
+                nursery.start_soon(receive)
+        arrivals.check()
+        output.publish()
+    assert [(m.kind, m.round) for m in markers] == [
+        (wire.PacketKind.SYNC, 0), (wire.PacketKind.SYNC, 1), (wire.PacketKind.END, 2)]
+    assert _read(out) == bytes(final)
+    reference = image_digest((b, bytes(final[b * bb:(b + 1) * bb]))
+                             for b in range(session.nblocks))
+    assert totals([sender])[0].digest() == totals([receiver])[0].digest() == reference
+    assert receiver.counters.blocks == session.nblocks + 2
 
 
 async def test_a_corrupted_payload_is_a_checksum_mismatch_and_never_written(image, links,
@@ -206,7 +254,7 @@ async def test_a_corrupted_payload_is_a_checksum_mismatch_and_never_written(imag
     with SourceImage(image.path) as source, \
             OutputFile(str(tmp_path / "out.img"), session.image_size) as output:
         sender = BlockSender(tx, source, session)
-        receiver = BlockReceiver(rx, session, output, ExactlyOnce(session.nblocks))
+        receiver = BlockReceiver(rx, session, output, LastRoundWins(session.nblocks))
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_send, sender, [(0, session.nblocks)])
@@ -228,7 +276,7 @@ def _pumps(image: Image, tx, rx):
     session = image.session
     with SourceImage(image.path) as source:
         yield (BlockSender(tx, source, session),
-               BlockReceiver(rx, session, None, ExactlyOnce(session.nblocks)))
+               BlockReceiver(rx, session, None, LastRoundWins(session.nblocks)))
 
 
 async def test_a_packet_of_another_round_is_a_protocol_error(image, links):
