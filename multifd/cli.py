@@ -20,7 +20,7 @@ from .errors import Interrupted, MultifdError, Terminated, UsageError, collapse_
 from .faults import Faults
 from .faults import parse as parse_fault
 from .report import Report, human_bytes
-from .settings import Timeouts
+from .settings import ROUNDS, Timeouts
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
@@ -50,7 +50,9 @@ def faults_from(prog: str, args, side: str) -> Faults:
     strike with these options, is the one-line usage error."""
     def build() -> Faults:
         by_arrival = getattr(args, "qemu", None) is not None
-        faults = Faults([parse_fault(spec, side, by_arrival) for spec in args.fault])
+        # A receiver cannot know whether its sender is live: any round may come.
+        rounds = (args.max_rounds if args.live else ROUNDS) if side == "send" else None
+        faults = Faults([parse_fault(spec, side, by_arrival, rounds) for spec in args.fault])
         for fault in faults.faults:
             if args.tls is None and fault.action.startswith("tls-"):
                 raise UsageError(f"--fault {fault}: a TLS fault needs --tls")

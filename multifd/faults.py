@@ -99,10 +99,12 @@ class Fault:
         return f"{self.action}@{self.where}" + (f":{params}" if params else "")
 
 
-def parse(spec: str, side: str, by_arrival: bool = False) -> Fault:
+def parse(spec: str, side: str, by_arrival: bool = False,
+          rounds: int | None = ROUNDS) -> Fault:
     """One --fault SPEC for `side` ("send" or "recv"); raises UsageError naming the problem.
     `by_arrival`: the receiver names a connection by its arrival before its TLS handshake
-    (--qemu: QEMU connects its main channel first, then multifd channels 0, 1, ...)."""
+    (--qemu: QEMU connects its main channel first, then multifd channels 0, 1, ...).
+    `rounds`: how many rounds this side may see at most (None: it cannot know)."""
     def bad(why: str) -> E.UsageError:
         return E.UsageError(f"--fault {spec!r}: {why}")
 
@@ -133,7 +135,7 @@ def parse(spec: str, side: str, by_arrival: bool = False) -> Fault:
         except ValueError as exc:
             raise bad(str(exc)) from None
     if action == "crash":
-        _check_crash(params, where, bad)
+        _check_crash(params, where, bad, rounds)
     if action in HELLO_FAULTS + ("corrupt-header", "corrupt-payload") and where == "all":
         raise bad(f"{action} needs a channel (@N or @control)")
     if action in ("corrupt-header", "corrupt-payload") and where == "control":
@@ -146,16 +148,16 @@ def parse(spec: str, side: str, by_arrival: bool = False) -> Fault:
     return Fault(action, where, params)
 
 
-def _check_crash(params: dict, where: str, bad) -> None:
+def _check_crash(params: dict, where: str, bad, rounds: int | None) -> None:
     """Refuse the crashes that could never strike."""
     if len(params) != 1:
         raise bad("crash needs phase=setup|sync|completion or round=R")
     phase = params.get("phase")
     if phase in PROCESS_PHASES and where != "all":
         raise bad(f"phase={phase} happens once per process, not per channel (leave out @)")
-    if phase is None and params["round"] >= ROUNDS:
+    if phase is None and rounds is not None and params["round"] >= rounds:
         raise bad(f"round={params['round']} never comes: the sender sends "
-                  f"{'one round (0)' if ROUNDS == 1 else f'rounds 0..{ROUNDS - 1}'}")
+                  f"{'one round (0)' if rounds == 1 else f'rounds 0..{rounds - 1}'}")
     if phase not in PROCESS_PHASES and where == "control":
         raise bad("the control channel has no rounds or syncs (name a data channel or "
                   "leave out @)")

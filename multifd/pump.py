@@ -83,11 +83,14 @@ class LastRoundWins:
 
 class BlockSender:
     def __init__(self, conn: Conn, source: SourceImage, session: wire.Session,
-                 method: codec.Method = codec.Method(), terms: BlockTerms | None = None) -> None:
+                 method: codec.Method = codec.Method(), terms: BlockTerms | None = None,
+                 live: bool = False) -> None:
         self.conn = conn
         self.source = source
         self.session = session
         self.terms = BlockTerms(session.nblocks) if terms is None else terms
+        self.snapshot = bytearray(session.block_bytes) if live else None
+        self._snapshot_view = memoryview(self.snapshot) if live else None
         self.compressor = None if method.compression is Compression.NONE else \
             codec.Compressor(method)
         self.scanner = PageScanner(session.page_size, session.block_bytes)
@@ -109,6 +112,11 @@ class BlockSender:
         page = s.page_size
         length = s.block_len(block)
         npages = -(-length // page)
+        if self.snapshot is not None:
+            # A live source writes while we read: scan, hash and send one copy of the block,
+            # or the bytes sent could differ from their digest term.
+            self.snapshot[:length] = view[at:at + length]
+            view, at = self._snapshot_view, 0
         runs, zero = self.scanner.runs(view, at, length)
         term = block_term(view[at:at + length], block)
         self.terms.set(block, term)

@@ -17,6 +17,7 @@ class Report:
     payload_bytes: int = 0  # the data pages' bytes (zero pages excluded)
     wire_payload_bytes: int = 0  # what they took on the wire (less, when compressed)
     compression: str = "none"
+    live: dict | None = None  # live precopy: precopy.Outcome.as_dict()
     pages: int = 0
     zero_pages: int = 0
     packets: int = 0
@@ -28,10 +29,11 @@ class Report:
 
     @classmethod
     def finished(cls, side: str, counters, image_size: int, channels: int, seconds: float,
-                 digest: str, output: str | None = None, compression: str = "none") -> "Report":
+                 digest: str, output: str | None = None, compression: str = "none",
+                 live: dict | None = None) -> "Report":
         """The report of a verified migration, from its merged pump.Counters."""
         return cls(side, ok=True, bytes=image_size, payload_bytes=counters.payload_bytes,
-                   wire_payload_bytes=counters.wire_bytes, compression=compression,
+                   wire_payload_bytes=counters.wire_bytes, compression=compression, live=live,
                    pages=counters.pages, zero_pages=counters.zero_pages,
                    packets=counters.packets, channels=channels, seconds=seconds,
                    digest=digest, output=output)
@@ -55,6 +57,12 @@ class Report:
             lines.append(f"  compression {self.compression}: {human_bytes(self.payload_bytes)}"
                          f" of data pages in {human_bytes(self.wire_payload_bytes)}, ratio "
                          f"{self.payload_bytes / self.wire_payload_bytes:.2f}")
+        if self.live:
+            rounds = self.live["rounds"]
+            lines.append(f"  live: {len(rounds)} rounds ("
+                         + ", ".join(str(r["blocks"]) for r in rounds) + " blocks), downtime "
+                         f"{self.live['downtime'] * 1e3:.0f} ms"
+                         + ("" if self.live["converged"] else f"; {self.live['why']}"))
         if self.digest:
             lines.append(f"  digest xxh3-128-sum:{self.digest}")
         if self.output:

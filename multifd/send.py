@@ -28,7 +28,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from . import codec, control
+from . import codec, control, precopy
 from . import errors as E
 from . import tls as T
 from . import wire
@@ -37,6 +37,7 @@ from .conn import Conn, TlsConn, within_handshake
 from .errors import Stage, collapse_group
 from .faults import NO_FAULTS, Faults, Phase
 from .image import SourceImage
+from .workload import Workload
 from .digest import BlockTerms
 from .pump import BlockSender, totals
 from .ratelimit import RateLimiter, batch_bytes_for
@@ -178,26 +179,45 @@ async def _channel_round(sender: BlockSender, batches, limiter: RateLimiter | No
     conn.side.faults.phase(Phase.SYNC, conn.label)
 
 
-async def _produce(batches_tx, nblocks: int, batch_blocks: int) -> None:
+def _batches(blocks, batch_blocks: int):
+    """(first, last) ranges of consecutive blocks, at most batch_blocks long."""
+    first = prev = None
+    for block in blocks:
+        if first is not None and (block != prev + 1 or block - first == batch_blocks):
+            yield first, prev + 1
+            first = None
+        if first is None:
+            first = block
+        prev = block
+    if first is not None:
+        yield first, prev + 1
+
+
+async def _produce(batches_tx, blocks, batch_blocks: int) -> None:
     async with batches_tx:
-        for first in range(0, nblocks, batch_blocks):
-            await batches_tx.send((first, min(first + batch_blocks, nblocks)))
+        for batch in _batches(blocks, batch_blocks):
+            await batches_tx.send(batch)
 
 
 async def _send_round(senders: list[BlockSender], limiter: RateLimiter | None,
-                      batch_blocks: int, round: int) -> None:
-    """Every block once, in batches taken by whichever channel is idle (backpressure: the
-    memory channel holds nothing); returns once every channel has sent its SYNC."""
+                      batch_blocks: int, round: int, blocks=None) -> None:
+    """The blocks (all of them: None), each once, in batches taken by whichever channel is
+    idle (backpressure: the memory channel holds nothing); returns once every channel has
+    sent its SYNC."""
+    if blocks is None:
+        blocks = range(senders[0].session.nblocks)
     batches_tx, batches_rx = trio.open_memory_channel(0)
     with batches_rx:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_produce, batches_tx, senders[0].session.nblocks, batch_blocks)
+            nursery.start_soon(_produce, batches_tx, blocks, batch_blocks)
             for sender in senders:
                 nursery.start_soon(_channel_round, sender, batches_rx, limiter, round)
 
 
-async def _transfer(ctl: Conn, senders: list[BlockSender], max_bandwidth: float | None) -> None:
-    """Every round, then END on every channel, the control channel heeded meanwhile."""
+async def _transfer(ctl: Conn, senders: list[BlockSender], max_bandwidth: float | None,
+                    live: precopy.Live | None = None, workload=None) -> precopy.Outcome | None:
+    """Every round, then END on every channel, the control channel heeded meanwhile;
+    returns the live rounds' outcome (None: one round of a still image)."""
     session = senders[0].session
     limiter = RateLimiter(max_bandwidth) if max_bandwidth else None
     per_hop = batch_bytes_for(max_bandwidth, BATCH_BYTES)
@@ -205,12 +225,24 @@ async def _transfer(ctl: Conn, senders: list[BlockSender], max_bandwidth: float 
     batch_blocks = max(1, min(per_hop // session.block_bytes,
                               -(-session.nblocks // len(senders))))
     # A receiver that fails says why on the control channel, even while our sends hang.
+    outcome = None
     async with control.heeding(ctl, Stage.DATA, None):
-        for round in range(ROUNDS):
-            await _send_round(senders, limiter, batch_blocks, round)
+        if live is None:
+            for round in range(ROUNDS):
+                await _send_round(senders, limiter, batch_blocks, round)
+            rounds = ROUNDS
+        else:
+            async def send_round(blocks, round):
+                await _send_round(senders, limiter, batch_blocks, round, blocks)
+
+            outcome = await precopy.run(send_round, workload,
+                                        lambda: sum(s.counters.image_bytes for s in senders),
+                                        session.block_bytes, live)
+            rounds = len(outcome.rounds)
         async with trio.open_nursery() as nursery:
             for sender in senders:
-                nursery.start_soon(sender.conn.run, Stage.FINISH, sender.finish, ROUNDS)
+                nursery.start_soon(sender.conn.run, Stage.FINISH, sender.finish, rounds)
+    return outcome
 
 
 async def _complete(ctl: Conn, senders: list[BlockSender], rounds: int, side: Side):
@@ -246,10 +278,34 @@ def _session(source: SourceImage, channels: int, page_size: int, block_pages: in
     return session
 
 
+def _start_workload(path: str, page_size: int, block_pages: int, live: precopy.Live):
+    try:
+        return Workload(path, page_size, block_pages, live.rate, live.pattern, live.seed)
+    except (OSError, ValueError) as exc:
+        raise E.UsageError(f"--live: cannot start the workload on {path}: "
+                           f"{getattr(exc, 'strerror', None) or exc}") from None
+
+
+def _save_final(copy: str, path: str) -> None:
+    """The paused guest's state, written beside `path` and renamed onto it."""
+    tmp = f"{path}.part"
+    try:
+        with open(copy, "rb") as src, open(tmp, "wb") as dst:
+            size = os.fstat(src.fileno()).st_size
+            done = 0
+            while done < size:
+                done += os.sendfile(dst.fileno(), src.fileno(), done, size - done)
+        os.rename(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise E.ImageError(f"--save-final {path}: {exc.strerror or exc}") from None
+
+
 async def send_image(host: str, port: int, path: str, *, channels: int = 4,
                      page_size: int = DEFAULT_PAGE_SIZE, block_pages: int = DEFAULT_BLOCK_PAGES,
                      max_bandwidth: float | None = None, timeouts: Timeouts = Timeouts(),
-                     method: codec.Method = codec.Method(),
+                     method: codec.Method = codec.Method(), live: precopy.Live | None = None,
                      tls: T.ClientTls | None = None, faults: Faults = NO_FAULTS,
                      on_progress=None, on_complete=None) -> Report:
     """Migrate the image at `path` to the receiver at host:port. Raises MultifdError.
@@ -259,7 +315,12 @@ async def send_image(host: str, port: int, path: str, *, channels: int = 4,
     if not 1 <= channels <= wire.MAX_CHANNELS:
         raise E.UsageError(f"--channels {channels} out of range (1..{wire.MAX_CHANNELS})")
     side = Side("sender", timeouts, tls, faults)
-    with SourceImage(path) as source:
+    with contextlib.ExitStack() as stack:
+        workload = None
+        if live is not None:  # the guest writes into its own copy; IMAGE stays as it is
+            workload = stack.enter_context(await trio.to_thread.run_sync(
+                _start_workload, path, page_size, block_pages, live))
+        source = stack.enter_context(SourceImage(workload.path if workload else path))
         session = _session(source, channels, page_size, block_pages, max_bandwidth, timeouts,
                            method.compression)
         started = trio.current_time()
@@ -267,16 +328,24 @@ async def send_image(host: str, port: int, path: str, *, channels: int = 4,
                                         side) as (ctl, datas):
             side.faults.phase(Phase.SETUP)
             terms = BlockTerms(session.nblocks)
-            senders = [BlockSender(conn, source, session, method, terms) for conn in datas]
+            senders = [BlockSender(conn, source, session, method, terms, live is not None)
+                       for conn in datas]
             async with control.concluding(lambda: ctl):
                 async with reporting_progress(on_progress, senders, session.image_size):
                     await control.send(ctl, Stage.SETUP, session)
                     await control.receive(ctl, Stage.SETUP, wire.Ready)
-                    await _transfer(ctl, senders, max_bandwidth)
-                total, counters = await _complete(ctl, senders, ROUNDS, side)
+                    outcome = await _transfer(ctl, senders, max_bandwidth, live, workload)
+                rounds = ROUNDS if outcome is None else len(outcome.rounds)
+                total, counters = await _complete(ctl, senders, rounds, side)
+                if outcome is not None:
+                    outcome.downtime = trio.current_time() - outcome.paused_at
+                    if live.save_final:
+                        await trio.to_thread.run_sync(_save_final, workload.path,
+                                                      live.save_final)
                 report = Report.finished(side.name, counters, session.image_size, channels,
                                          trio.current_time() - started, total.hexdigest(),
-                                         compression=str(method))
+                                         compression=str(method),
+                                         live=None if outcome is None else outcome.as_dict())
                 if on_complete is not None:
                     on_complete(report)
             # DONE decided the outcome; the TLS close that follows only ends the stream

@@ -11,9 +11,10 @@ import argparse  # noqa: E402
 import functools
 
 from . import args as A
-from . import cli, codec, tls, wire
+from . import cli, codec, precopy, tls, units, wire
 from .address import parse_address
 from .errors import UsageError
+from .workload import parse_pattern
 from .send import send_image
 from .settings import DEFAULT_BLOCK_PAGES, DEFAULT_CHANNELS, DEFAULT_PAGE_SIZE
 
@@ -35,6 +36,14 @@ def _method(text: str) -> codec.Method:
             from None
 
 
+def _pattern(text: str) -> str:
+    try:
+        parse_pattern(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def build_parser() -> A.Parser:
     p = A.Parser(prog=PROG, description="Stream a RAM image to multifd-recv over N parallel "
                    "TCP channels; exit 0 only once the receiver verified it.")
@@ -54,6 +63,27 @@ def build_parser() -> A.Parser:
                    help="compress each packet's data pages: none (default), zlib[:1..9] "
                    "(default level 1), zstd[:1..19] (default 3); a packet that does not "
                    "shrink goes plain")
+    live = p.add_argument_group("live precopy (the image keeps changing while it is sent)")
+    live.add_argument("--live", action="store_true",
+                      help="start a workload that plays the guest: it writes into the "
+                      "sender's own copy of IMAGE (never IMAGE itself) while rounds send what "
+                      "it dirtied, until the rest fits --downtime-limit; then it is paused "
+                      "and the last round sent (stop-and-copy)")
+    live.add_argument("--dirty-rate", type=A.rate, default=units.parse_rate("100MB/s"),
+                      metavar="RATE", help="how fast the workload dirties pages (default "
+                      "100MB/s)")
+    live.add_argument("--dirty-pattern", type=_pattern, default="uniform", metavar="PATTERN",
+                      help="uniform (default), hot:P%% (90%% of the writes to the first P%% "
+                      "of the pages) or sweep (one byte in every page, page after page)")
+    live.add_argument("--seed", type=int, default=1, help="the workload's seed (default 1)")
+    live.add_argument("--downtime-limit", type=A.duration, default=precopy.DEFAULT_DOWNTIME,
+                      metavar="S", help=f"the downtime the last round may take (default "
+                      f"{precopy.DEFAULT_DOWNTIME * 1e3:.0f}ms)")
+    live.add_argument("--max-rounds", type=int, default=precopy.DEFAULT_MAX_ROUNDS,
+                      metavar="N", help=f"rounds at most, the last included (default "
+                      f"{precopy.DEFAULT_MAX_ROUNDS})")
+    live.add_argument("--save-final", metavar="PATH", help="write the guest's state at the "
+                      "pause to PATH (what the receiver's output must equal)")
     p.add_argument("--tls", metavar="DIR", help="mutual TLS with the credentials in DIR "
                    "(ca-cert.pem, client-cert.pem, client-key.pem: QEMU's names)")
     p.add_argument("--tls-hostname", metavar="NAME", help="check the receiver's certificate "
@@ -74,10 +104,19 @@ def main(argv: list[str] | None = None) -> int:
     credentials = None if args.tls is None else cli.usage_guard(
         PROG, args.json, "sender", functools.partial(tls.client_tls, args.tls,
                                                      args.tls_hostname))
+    live = None
+    if args.live:
+        if args.max_rounds < 2:
+            parser.error("--max-rounds must be at least 2 (round 0, and the last)")
+        live = precopy.Live(args.dirty_rate, args.dirty_pattern, args.seed,
+                            args.downtime_limit, args.max_rounds, args.save_final)
+    elif args.save_final:
+        parser.error("--save-final needs --live")
     completed: list = []
     main_fn = functools.partial(
         send_image, host, port, args.image, channels=args.channels, page_size=args.page_size,
         block_pages=args.packet_pages, max_bandwidth=args.max_bandwidth, method=args.compress,
+        live=live,
         timeouts=cli.timeouts_from(args), tls=credentials,
         faults=cli.faults_from(PROG, args, "send"),
         on_progress=cli.progress_printer("sending", not args.quiet and not args.json),

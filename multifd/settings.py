@@ -18,6 +18,5 @@ DEFAULT_CHANNELS = 4
 DEFAULT_PAGE_SIZE = 4096
 DEFAULT_BLOCK_PAGES = 512  # 2 MiB packets: 12% faster than 512 KiB, no gain beyond
 BATCH_BYTES = 8 << 20  # work handed to a channel's thread per hop
-# The sender sends every block once, in round 0, then ends each data channel: live precopy
-# will send more rounds. The fault grammar refuses crashes in rounds that never come.
+# A still image goes in one round; --live sends more (precopy.py), up to --max-rounds.
 ROUNDS = 1

@@ -1,0 +1,95 @@
+"""Live precopy on the sender: rounds of dirtied blocks while the guest (workload.py) keeps
+writing, until what is left fits the allowed downtime; then stop-and-copy.
+
+Round 0 sends every block. After each round the sender reads and clears the dirty log (the
+blocks written since it was last read, including those written while they were being sent)
+and estimates the downtime: those blocks' bytes over the bandwidth the round just measured.
+When the estimate fits --downtime-limit, or at --max-rounds, the workload is paused, the log is
+read one last time, and the last round sends what it holds; the guest stays paused until the
+process ends, so the receiver's image equals the state at the pause (--save-final writes it).
+The downtime is measured from the pause to the receiver's DONE: the digest is kept per block
+as blocks travel (digest.BlockTerms), so verifying reads nothing again inside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import trio
+
+DEFAULT_DOWNTIME = 0.3  # seconds: QEMU's default downtime-limit
+DEFAULT_MAX_ROUNDS = 30
+
+
+@dataclass(frozen=True)
+class Live:
+    """What --live asks for."""
+    rate: float  # bytes/s the workload dirties
+    pattern: str = "uniform"
+    seed: int = 1
+    downtime_limit: float = DEFAULT_DOWNTIME
+    max_rounds: int = DEFAULT_MAX_ROUNDS
+    save_final: str | None = None
+
+
+@dataclass
+class Round:
+    round: int
+    blocks: int  # blocks sent in it
+    bytes: int  # image bytes sent in it
+    seconds: float
+    dirty_blocks: int  # blocks dirtied meanwhile: the next round's work
+    bandwidth: float  # image bytes/s the round moved
+    expected_downtime: float  # the dirty blocks over that bandwidth
+
+
+@dataclass
+class Outcome:
+    rounds: list[Round] = field(default_factory=list)
+    converged: bool = False
+    paused_at: float = 0.0  # trio time of the pause: the downtime starts there
+    downtime: float = 0.0  # set once the receiver's DONE came
+    why: str = ""  # when it did not converge: the one line that says why
+
+    def as_dict(self) -> dict:
+        return {"rounds": [asdict(r) for r in self.rounds], "converged": self.converged,
+                "downtime": round(self.downtime, 6), "why": self.why or None}
+
+
+async def run(send_round, workload, moved, block_bytes: int, live: Live) -> Outcome:
+    """The rounds. send_round(blocks, round) sends a round (blocks None: all of them);
+    moved() is the image bytes sent so far."""
+    out = Outcome()
+    blocks, round = None, 0
+    while True:
+        start, before = trio.current_time(), moved()
+        await send_round(blocks, round)
+        seconds = max(trio.current_time() - start, 1e-6)
+        sent = moved() - before
+        dirty = await trio.to_thread.run_sync(workload.sync)
+        bandwidth = sent / seconds
+        expected = len(dirty) * block_bytes / bandwidth if bandwidth else float("inf")
+        out.rounds.append(Round(round, workload.nblocks if blocks is None else len(blocks),
+                                sent, seconds, len(dirty), bandwidth, expected))
+        round += 1
+        if expected <= live.downtime_limit:
+            out.converged = True
+            break
+        if round + 1 >= live.max_rounds:
+            rate = len(dirty) * block_bytes / seconds
+            out.why = (f"did not converge in {live.max_rounds} rounds: the guest dirtied "
+                       f"{rate / 1e6:.0f} MB/s of blocks while the link drained "
+                       f"{bandwidth / 1e6:.0f} MB/s (lower --dirty-rate, raise "
+                       f"--downtime-limit or --max-rounds, or add bandwidth)")
+            break
+        blocks = dirty
+    # Stop-and-copy: the guest pauses, the log is read a last time, the rest goes.
+    await trio.to_thread.run_sync(workload.pause)
+    out.paused_at = trio.current_time()
+    last = sorted(set(dirty) | set(await trio.to_thread.run_sync(workload.sync)))
+    start, before = trio.current_time(), moved()
+    await send_round(last, round)
+    seconds = max(trio.current_time() - start, 1e-6)
+    sent = moved() - before
+    out.rounds.append(Round(round, len(last), sent, seconds, 0, sent / seconds, 0.0))
+    return out

@@ -1,0 +1,79 @@
+"""multifd-send --live: a workload keeps writing into the sender's copy of the image while
+rounds send what it dirtied; the receiver's output must equal the state at the pause
+(--save-final), whether precopy converged or was cut at --max-rounds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_sender, start_receiver
+
+MiB = 1 << 20
+
+
+def live_migration(image, tmp_path, *send_args):
+    out, final = tmp_path / "out.img", tmp_path / "final.img"
+    recv = start_receiver(str(out), "--json")
+    sent = run_sender(recv.address, image, "--json", "--live", "--save-final", str(final),
+                      "--packet-pages", "64", *send_args)
+    code, stdout, stderr = recv.finish()
+    assert sent.returncode == 0, sent.stderr
+    assert code == 0, stderr
+    return json.loads(sent.stdout), json.loads(stdout), out.read_bytes(), final.read_bytes()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("pattern", ["uniform", "hot:10%", "sweep"])
+def test_the_output_is_the_state_at_the_pause(make_image, tmp_path, pattern):
+    image = make_image(16 * MiB, "mixed")
+    with open(image, "rb") as f:
+        original = f.read()
+    report, received, out, final = live_migration(
+        image, tmp_path, "--dirty-rate", "20MB/s", "--dirty-pattern", pattern,
+        "--max-bandwidth", "64MB/s", "--channels", "2")
+    assert out == final
+    assert final != original  # the guest did write, into its own copy
+    with open(image, "rb") as f:
+        assert f.read() == original  # IMAGE itself is never written
+    live = report["live"]
+    assert len(live["rounds"]) >= 2 and live["rounds"][0]["blocks"] == 64
+    assert live["downtime"] > 0
+    assert report["digest"] == received["digest"]
+
+
+@pytest.mark.timeout(60)
+def test_no_convergence_is_said_and_still_ends_exact(make_image, tmp_path):
+    image = make_image(16 * MiB, "mixed")
+    report, _, out, final = live_migration(
+        image, tmp_path, "--dirty-rate", "200MB/s", "--max-bandwidth", "32MB/s",
+        "--downtime-limit", "10ms", "--max-rounds", "3")
+    assert out == final
+    live = report["live"]
+    assert not live["converged"] and len(live["rounds"]) == 3
+    assert "did not converge in 3 rounds" in live["why"]
+
+
+def test_live_usage_errors(make_image):
+    image = make_image(MiB)
+    for args, said in ((["--save-final", "x.img"], "--save-final needs --live"),
+                       (["--live", "--dirty-pattern", "hot"], "uniform, sweep, or hot:P%"),
+                       (["--live", "--max-rounds", "1"], "--max-rounds must be at least 2")):
+        result = run_sender("127.0.0.1:1", image, *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert said in result.stderr, (args, result.stderr)
+
+
+@pytest.mark.timeout(60)
+def test_a_sender_crash_in_a_later_round_leaves_nothing(make_image, tmp_path):
+    image = make_image(16 * MiB, "mixed")
+    (tmp_path / "out").mkdir()
+    recv = start_receiver(str(tmp_path / "out" / "guest.img"), "--idle-timeout", "3")
+    sent = run_sender(recv.address, image, "--live", "--dirty-rate", "200MB/s",
+                      "--max-bandwidth", "32MB/s", "--downtime-limit", "10ms",
+                      "--max-rounds", "4", "--packet-pages", "64", "--fault", "crash:round=1")
+    code, _, stderr = recv.finish()
+    assert sent.returncode == 99, sent.stderr
+    assert code == 1 and "data channel" in stderr.strip().splitlines()[-1], stderr
+    assert list((tmp_path / "out").iterdir()) == []
