@@ -30,6 +30,7 @@ class Live:
     downtime_limit: float = DEFAULT_DOWNTIME
     max_rounds: int = DEFAULT_MAX_ROUNDS
     save_final: str | None = None
+    auto_converge: bool = False
 
 
 @dataclass
@@ -41,18 +42,21 @@ class Round:
     dirty_blocks: int  # blocks dirtied meanwhile: the next round's work
     bandwidth: float  # image bytes/s the round moved
     expected_downtime: float  # the dirty blocks over that bandwidth
+    throttle: int = 0  # percent of the dirty rate taken away during it (--auto-converge)
 
 
 @dataclass
 class Outcome:
     rounds: list[Round] = field(default_factory=list)
     converged: bool = False
+    throttle: int = 0  # the highest throttle --auto-converge needed
     paused_at: float = 0.0  # trio time of the pause: the downtime starts there
     downtime: float = 0.0  # set once the receiver's DONE came
     why: str = ""  # when it did not converge: the one line that says why
 
     def as_dict(self) -> dict:
         return {"rounds": [asdict(r) for r in self.rounds], "converged": self.converged,
+                "throttle": self.throttle,
                 "downtime": round(self.downtime, 6), "why": self.why or None}
 
 
@@ -60,7 +64,7 @@ async def run(send_round, workload, moved, block_bytes: int, live: Live) -> Outc
     """The rounds. send_round(blocks, round) sends a round (blocks None: all of them);
     moved() is the image bytes sent so far."""
     out = Outcome()
-    blocks, round = None, 0
+    blocks, round, throttle = None, 0, 0
     while True:
         start, before = trio.current_time(), moved()
         await send_round(blocks, round)
@@ -70,11 +74,17 @@ async def run(send_round, workload, moved, block_bytes: int, live: Live) -> Outc
         bandwidth = sent / seconds
         expected = len(dirty) * block_bytes / bandwidth if bandwidth else float("inf")
         out.rounds.append(Round(round, workload.nblocks if blocks is None else len(blocks),
-                                sent, seconds, len(dirty), bandwidth, expected))
+                                sent, seconds, len(dirty), bandwidth, expected, throttle))
         round += 1
         if expected <= live.downtime_limit:
             out.converged = True
             break
+        if live.auto_converge and round >= 2:
+            # QEMU's cpu-throttle: 20% once a round after the first did not converge, then
+            # 10% more for each round that still did not, up to 99%.
+            throttle = min(99, 20 if throttle == 0 else throttle + 10)
+            out.throttle = throttle
+            await trio.to_thread.run_sync(workload.throttle, throttle)
         if round + 1 >= live.max_rounds:
             rate = len(dirty) * block_bytes / seconds
             out.why = (f"did not converge in {live.max_rounds} rounds: the guest dirtied "

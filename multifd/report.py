@@ -62,6 +62,8 @@ class Report:
             lines.append(f"  live: {len(rounds)} rounds ("
                          + ", ".join(str(r["blocks"]) for r in rounds) + " blocks), downtime "
                          f"{self.live['downtime'] * 1e3:.0f} ms"
+                         + (f", throttle {self.live['throttle']}%" if self.live["throttle"]
+                            else "")
                          + ("" if self.live["converged"] else f"; {self.live['why']}"))
         if self.digest:
             lines.append(f"  digest xxh3-128-sum:{self.digest}")

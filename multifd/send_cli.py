@@ -82,6 +82,10 @@ def build_parser() -> A.Parser:
     live.add_argument("--max-rounds", type=int, default=precopy.DEFAULT_MAX_ROUNDS,
                       metavar="N", help=f"rounds at most, the last included (default "
                       f"{precopy.DEFAULT_MAX_ROUNDS})")
+    live.add_argument("--auto-converge", action="store_true",
+                      help="throttle the workload when precopy does not converge: 20%% of its "
+                      "rate taken away, 10%% more each round that still does not, up to 99%% "
+                      "(QEMU's cpu-throttle)")
     live.add_argument("--save-final", metavar="PATH", help="write the guest's state at the "
                       "pause to PATH (what the receiver's output must equal)")
     p.add_argument("--tls", metavar="DIR", help="mutual TLS with the credentials in DIR "
@@ -109,9 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_rounds < 2:
             parser.error("--max-rounds must be at least 2 (round 0, and the last)")
         live = precopy.Live(args.dirty_rate, args.dirty_pattern, args.seed,
-                            args.downtime_limit, args.max_rounds, args.save_final)
-    elif args.save_final:
-        parser.error("--save-final needs --live")
+                            args.downtime_limit, args.max_rounds, args.save_final,
+                            args.auto_converge)
+    elif args.save_final or args.auto_converge:
+        parser.error(f"{'--save-final' if args.save_final else '--auto-converge'} needs --live")
     completed: list = []
     main_fn = functools.partial(
         send_image, host, port, args.image, channels=args.channels, page_size=args.page_size,

@@ -31,9 +31,10 @@ import sys
 import time
 
 # The log's shared header: which log is active, the flip generation the sender asked for and
-# the one the workload acknowledged, pause asked and acknowledged, pages written.
-_HEADER = struct.Struct("=QQQQQQ")
-ACTIVE, ASKED, SEEN, PAUSE, PAUSED, WRITTEN = range(6)
+# the one the workload acknowledged, pause asked and acknowledged, pages written, and the
+# throttle (percent of the rate taken away, as QEMU's cpu-throttle takes vCPU time).
+_HEADER = struct.Struct("=QQQQQQQ")
+ACTIVE, ASKED, SEEN, PAUSE, PAUSED, WRITTEN, THROTTLE = range(7)
 HOT_SHARE = 0.9  # hot:P%: the share of writes that go to the hot set
 TICK = 0.002  # seconds: how often the writer catches up with its rate
 
@@ -108,7 +109,7 @@ def _writer(image_fd: int, log_fd: int, page_size: int, block_pages: int, rate: 
             time.sleep(next_tick - now)
             continue
         next_tick += TICK
-        owed += per_tick
+        owed += per_tick * (100 - log.get(THROTTLE)) / 100
         active = log.log(log.get(ACTIVE))
         while owed >= 1:
             owed -= 1
@@ -195,6 +196,10 @@ class Workload:
 
     def resume(self) -> None:
         self.log.put(PAUSE, 0)
+
+    def throttle(self, percent: int) -> None:
+        """Take `percent` of the dirty rate away (0..99), from the writer's next tick on."""
+        self.log.put(THROTTLE, max(0, min(99, percent)))
 
     @property
     def written(self) -> int:

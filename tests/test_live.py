@@ -77,3 +77,24 @@ def test_a_sender_crash_in_a_later_round_leaves_nothing(make_image, tmp_path):
     assert sent.returncode == 99, sent.stderr
     assert code == 1 and "data channel" in stderr.strip().splitlines()[-1], stderr
     assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.timeout(90)
+def test_a_slow_dirty_rate_converges_and_auto_converge_makes_a_fast_one_converge(make_image,
+                                                                                  tmp_path):
+    image = make_image(16 * MiB, "mixed")
+    (tmp_path / "slow").mkdir()
+    report, _, out, final = live_migration(
+        image, tmp_path / "slow", "--dirty-rate", "2MB/s", "--dirty-pattern", "hot:5%",
+        "--max-bandwidth", "64MB/s")
+    assert out == final and report["live"]["converged"]
+    # 10% of the writes land anywhere: unthrottled they dirty every block each round.
+    fast = ("--dirty-rate", "100MB/s", "--dirty-pattern", "hot:5%", "--max-bandwidth",
+            "32MB/s", "--downtime-limit", "100ms", "--max-rounds", "14")
+    (tmp_path / "plain").mkdir()
+    report, _, out, final = live_migration(image, tmp_path / "plain", *fast)
+    assert out == final and not report["live"]["converged"]
+    (tmp_path / "auto").mkdir()
+    report, _, out, final = live_migration(image, tmp_path / "auto", *fast, "--auto-converge")
+    assert out == final and report["live"]["converged"], report["live"]
+    assert report["live"]["throttle"] >= 20
