@@ -42,7 +42,8 @@ def add_common(parser: argparse.ArgumentParser) -> None:
                         "corrupt-payload@1:packet=3, crash:phase=sync, stall@control; "
                         "actions: refuse, delay, tls-stall, tls-abort, bad-magic, "
                         "bad-version, bad-session, bad-channel, dup-channel, corrupt-header, "
-                        "corrupt-payload, reset, stall, crash, full-disk (README: Faults)")
+                        "corrupt-payload, reset, stall, throttle, crash, full-disk (README: "
+                        "Faults)")
 
 
 def faults_from(prog: str, args, side: str) -> Faults:

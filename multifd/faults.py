@@ -25,6 +25,9 @@ Actions, the side that takes them, and their parameters:
     reset             both  the connection is reset (TCP RST) after after=SIZE bytes (default 0)
     stall             both  the channel stops after after=SIZE bytes: the sender stops sending,
                             the receiver stops reading; the connection stays open
+    throttle          both  the channel moves rate=RATE at most (default 20MB/s): the sender
+                            sends, the receiver reads that slowly (a slow channel: with --live
+                            its old copies are applied late, which the round barrier orders)
     crash             both  the process ends at once (os._exit(99)): phase=setup|completion
                             (the whole process, no @), or on a data channel (@N, or the first
                             that gets there) at phase=sync or round=R (before its first packet)
@@ -45,6 +48,7 @@ import select
 import socket
 import ssl
 import struct
+import time
 from dataclasses import dataclass, field
 
 import trio
@@ -71,6 +75,7 @@ ACTIONS = {
     "corrupt-payload": ("send", ("packet",)),
     "reset": ("both", ("after",)),
     "stall": ("both", ("after",)),
+    "throttle": ("both", ("rate",)),
     "crash": ("both", ("phase", "round")),
     "full-disk": ("recv", ("after",)),
 }
@@ -166,6 +171,8 @@ def _check_crash(params: dict, where: str, bad, rounds: int | None) -> None:
 def _value(key: str, value: str):
     if key == "after":
         return units.parse_size(value)
+    if key == "rate":
+        return units.parse_rate(value)
     if key in ("packet", "round"):
         if not value.isdigit():
             raise ValueError(f"{key}={value!r} is not a number")
@@ -254,6 +261,8 @@ class Faults:
 
     def socket(self, label: str, sock):
         """The socket under an established channel, with its reset or stall, if any."""
+        if throttle := self._find(("throttle",), label):
+            return ThrottledSocket(sock, throttle.params.get("rate", 20e6))
         fault = self._find(("reset",), label) or self._find(("stall",), label)
         return sock if fault is None else TrippedSocket(sock, fault.action,
                                                         fault.params.get("after", 0))
@@ -310,6 +319,46 @@ def _abort_handshake(sock) -> None:
         pass
     sock.close()
     raise E.InjectedFault("TLS handshake aborted by an injected fault")
+
+
+class ThrottledSocket:
+    """A channel's socket that moves `rate` bytes/s at most, sending or reading (the calls
+    the bulk path makes; everything else passes through)."""
+
+    def __init__(self, sock, rate: float) -> None:
+        self._sock = sock
+        self._rate = rate
+        self._free_at = time.monotonic()
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+    def _pace(self, size: int) -> None:
+        now = time.monotonic()
+        self._free_at = max(self._free_at, now) + size / self._rate
+        if self._free_at > now:
+            time.sleep(self._free_at - now)
+
+    def send(self, data) -> int:
+        sent = self._sock.send(data)
+        self._pace(sent)
+        return sent
+
+    def sendall(self, data) -> None:
+        self._sock.sendall(data)
+        self._pace(memoryview(data).nbytes)
+
+    def sendmsg(self, parts) -> int:
+        sent = self._sock.sendmsg(parts)
+        self._pace(sent)
+        return sent
+
+    def recv_into(self, view, nbytes: int = 0, flags: int = 0) -> int:
+        # A small read at a time, so that the pace holds inside one MSG_WAITALL call.
+        size = min(nbytes or memoryview(view).nbytes, 64 << 10)
+        got = self._sock.recv_into(view, size)
+        self._pace(got)
+        return got
 
 
 class TrippedSocket:

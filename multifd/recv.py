@@ -58,6 +58,11 @@ async def open_listeners(host: str, port: int) -> list[trio.SocketListener]:
     return listeners
 
 
+# For tests only: without the barrier an older copy of a block, late on a slow channel, can
+# land after a newer one (tests/test_live.py shows that this is then caught).
+_NO_BARRIER = os.environ.get("MULTIFD_TEST_NO_ROUND_BARRIER") == "1"
+
+
 class RoundBarrier:
     """Releases round r on every channel only once all N channels have delivered its SYNC.
 
@@ -99,8 +104,9 @@ async def _receive_channel(receiver: BlockReceiver, barrier: RoundBarrier) -> in
             return round
         side.faults.phase(Phase.SYNC, conn.label)
         with trio.move_on_after(side.timeouts.idle):
-            await barrier.sync(round, receiver.channel)
-        if not barrier.released(round):
+            if not _NO_BARRIER:
+                await barrier.sync(round, receiver.channel)
+        if not barrier.released(round) and not _NO_BARRIER:
             missing = barrier.missing(round)
             raise E.PeerTimeout(f"data channel{'s' if len(missing) > 1 else ''} "
                                 f"{', '.join(map(str, missing))} did not finish round {round} "
