@@ -43,6 +43,10 @@ class Round:
     bandwidth: float  # image bytes/s the round moved
     expected_downtime: float  # the dirty blocks over that bandwidth
     throttle: int = 0  # percent of the dirty rate taken away during it (--auto-converge)
+    pages: int = 0
+    zero_pages: int = 0
+    wire_bytes: int = 0  # the data pages' bytes on the wire (compressed, if they were)
+    dirty_rate: float = 0.0  # bytes/s of blocks dirtied while it ran
 
 
 @dataclass
@@ -60,21 +64,23 @@ class Outcome:
                 "downtime": round(self.downtime, 6), "why": self.why or None}
 
 
-async def run(send_round, workload, moved, block_bytes: int, live: Live) -> Outcome:
+async def run(send_round, workload, counters, block_bytes: int, live: Live) -> Outcome:
     """The rounds. send_round(blocks, round) sends a round (blocks None: all of them);
-    moved() is the image bytes sent so far."""
+    counters() is what has been sent so far (pump.Counters)."""
     out = Outcome()
     blocks, round, throttle = None, 0, 0
     while True:
-        start, before = trio.current_time(), moved()
+        start, before = trio.current_time(), counters()
         await send_round(blocks, round)
         seconds = max(trio.current_time() - start, 1e-6)
-        sent = moved() - before
+        sent = _delta(before, counters())
         dirty = await trio.to_thread.run_sync(workload.sync)
-        bandwidth = sent / seconds
+        bandwidth = sent["bytes"] / seconds
         expected = len(dirty) * block_bytes / bandwidth if bandwidth else float("inf")
         out.rounds.append(Round(round, workload.nblocks if blocks is None else len(blocks),
-                                sent, seconds, len(dirty), bandwidth, expected, throttle))
+                                seconds=seconds, dirty_blocks=len(dirty), bandwidth=bandwidth,
+                                expected_downtime=expected, throttle=throttle,
+                                dirty_rate=len(dirty) * block_bytes / seconds, **sent))
         round += 1
         if expected <= live.downtime_limit:
             out.converged = True
@@ -86,7 +92,7 @@ async def run(send_round, workload, moved, block_bytes: int, live: Live) -> Outc
             out.throttle = throttle
             await trio.to_thread.run_sync(workload.throttle, throttle)
         if round + 1 >= live.max_rounds:
-            rate = len(dirty) * block_bytes / seconds
+            rate = out.rounds[-1].dirty_rate
             out.why = (f"did not converge in {live.max_rounds} rounds: the guest dirtied "
                        f"{rate / 1e6:.0f} MB/s of blocks while the link drained "
                        f"{bandwidth / 1e6:.0f} MB/s (lower --dirty-rate, raise "
@@ -97,9 +103,18 @@ async def run(send_round, workload, moved, block_bytes: int, live: Live) -> Outc
     await trio.to_thread.run_sync(workload.pause)
     out.paused_at = trio.current_time()
     last = sorted(set(dirty) | set(await trio.to_thread.run_sync(workload.sync)))
-    start, before = trio.current_time(), moved()
+    start, before = trio.current_time(), counters()
     await send_round(last, round)
     seconds = max(trio.current_time() - start, 1e-6)
-    sent = moved() - before
-    out.rounds.append(Round(round, len(last), sent, seconds, 0, sent / seconds, 0.0))
+    sent = _delta(before, counters())
+    out.rounds.append(Round(round, len(last), seconds=seconds, dirty_blocks=0,
+                            bandwidth=sent["bytes"] / seconds, expected_downtime=0.0,
+                            throttle=throttle, **sent))
     return out
+
+
+def _delta(before, after) -> dict:
+    return {"bytes": after.image_bytes - before.image_bytes,
+            "pages": after.pages - before.pages,
+            "zero_pages": after.zero_pages - before.zero_pages,
+            "wire_bytes": after.wire_bytes - before.wire_bytes}

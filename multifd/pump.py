@@ -39,14 +39,14 @@ class Counters:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
-def totals(pumps) -> tuple[DigestSum, Counters]:
+def totals(pumps, digest: bool = True) -> tuple[DigestSum, Counters]:
     """The migration's digest (the sum of every block's last term, whichever table of
-    terms its channel kept) and counts (the sum of every channel's)."""
+    terms its channel kept; not summed without `digest`) and counts (every channel's)."""
     total, counters, tables = DigestSum(), Counters(), {}
     for pump in pumps:
         tables[id(pump.terms)] = pump.terms
         counters.merge(pump.counters)
-    for table in tables.values():
+    for table in tables.values() if digest else ():
         total.merge(table.sum())
     return total, counters
 

@@ -236,7 +236,7 @@ async def _transfer(ctl: Conn, senders: list[BlockSender], max_bandwidth: float 
                 await _send_round(senders, limiter, batch_blocks, round, blocks)
 
             outcome = await precopy.run(send_round, workload,
-                                        lambda: sum(s.counters.image_bytes for s in senders),
+                                        lambda: totals(senders, digest=False)[1],
                                         session.block_bytes, live)
             rounds = len(outcome.rounds)
         async with trio.open_nursery() as nursery:

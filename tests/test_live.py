@@ -39,6 +39,9 @@ def test_the_output_is_the_state_at_the_pause(make_image, tmp_path, pattern):
         assert f.read() == original  # IMAGE itself is never written
     live = report["live"]
     assert len(live["rounds"]) >= 2 and live["rounds"][0]["blocks"] == 64
+    assert live["rounds"][0]["pages"] == 16 * MiB // 4096
+    for name in ("pages", "zero_pages"):
+        assert sum(r[name] for r in live["rounds"]) == report[name] == received[name]
     assert live["downtime"] > 0
     assert report["digest"] == received["digest"]
 
