@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 
+from .errors import MultifdError
+
 # The log's shared header: which log is active, the flip generation the sender asked for and
 # the one the workload acknowledged, pause asked and acknowledged, pages written, and the
 # throttle (percent of the rate taken away, as QEMU's cpu-throttle takes vCPU time).
@@ -172,9 +174,10 @@ class Workload:
         deadline = time.monotonic() + timeout
         while not done():
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the workload ended ({self.proc.returncode}) while {what}")
+                raise MultifdError(f"the workload ended (exit {self.proc.returncode}) "
+                                   f"while {what}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the workload did not answer within {timeout:g}s: {what}")
+                raise MultifdError(f"the workload did not answer within {timeout:g}s: {what}")
             time.sleep(0.0002)
 
     def sync(self) -> list[int]:
