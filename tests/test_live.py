@@ -108,9 +108,12 @@ def _stale_page_run(image, tmp_path):
     come late, after newer ones on channel 0. Returns (receiver's exit, stderr, out, final)."""
     out, final = tmp_path / "out.img", tmp_path / "final.img"
     recv = start_receiver(str(out), "--fault", "throttle@1:rate=6MB/s")
+    # Uniform writes dirty every block in every round, the 1 ms limit forces all 6 rounds,
+    # and blocks land on either channel: some block's copy of round r is on the slow channel
+    # and its copy of round r+1 on the fast one in practically every run.
     sent = run_sender(recv.address, image, "--live", "--save-final", str(final),
                       "--packet-pages", "16", "--channels", "2", "--dirty-rate", "50MB/s",
-                      "--dirty-pattern", "hot:2%", "--downtime-limit", "20ms",
+                      "--dirty-pattern", "uniform", "--downtime-limit", "1ms",
                       "--max-rounds", "6")
     code, _, stderr = recv.finish()
     return code, stderr, sent, out, final
