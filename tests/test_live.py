@@ -136,3 +136,19 @@ def test_a_slow_channel_cannot_put_an_old_copy_over_a_new_one(make_image, tmp_pa
         "without the round barrier the run still ended exact: the test cannot fail"
     if code == 1:
         assert "after its copy of round" in stderr, stderr
+
+
+@pytest.mark.timeout(90)
+def test_the_bench_live_sweep_reports_each_rate(tmp_path):
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-m", "multifd.tools.bench", "--size", "8M",
+                             "--channels", "2", "--live-rates", "0,5MB/s", "--live-pattern",
+                             "hot:5%", "--dir", str(tmp_path), "--json"],
+                            capture_output=True, text=True, timeout=80)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)["live"]
+    assert [r["dirty_rate"] for r in rows] == [0, 5e6]
+    assert rows[0]["rounds"] == 1 and rows[0]["downtime"] is None
+    assert rows[1]["rounds"] >= 2 and rows[1]["downtime"] > 0
+    assert list(tmp_path.iterdir()) == []  # the bench's image is gone

@@ -470,6 +470,11 @@ def build_parser() -> cliargs.Parser:
     p.add_argument("--qemu", action="store_true",
                    help="instead: a real QEMU source (--size of guest RAM) into multifd-recv "
                    "--qemu beside a QEMU destination (multifd.tools.qemubench)")
+    p.add_argument("--live-rates", metavar="LIST",
+                   help="instead: live precopy at each dirty rate, e.g. 0,50MB/s,100MB/s "
+                   "(multifd.tools.livebench), writes in --live-pattern")
+    p.add_argument("--live-pattern", default="uniform", metavar="PATTERN",
+                   help="the workload's pattern for --live-rates (default uniform)")
     p.add_argument("--cases", type=_case_list, default=CASES, metavar="LIST",
                    help="comma-separated cases to run, always in this order (default all): "
                    + ", ".join(CASES))
@@ -488,6 +493,24 @@ def _qemu_bench(args) -> int:
         return 130
     print(json.dumps(result, indent=1) if args.json else qemubench.table(result), flush=True)
     return 1 if result["errors"] else 0
+
+
+def _live_bench(args, parser) -> int:
+    from . import livebench
+
+    try:
+        rates = livebench.parse_rates(args.live_rates)
+    except ValueError as exc:
+        parser.error(f"--live-rates: {exc}")
+    try:
+        result = livebench.run(args.size, args.channels, rates, args.live_pattern, args.dir,
+                               args.timeout, lambda text: print(f"{PROG}: {text}",
+                                                                file=sys.stderr, flush=True))
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    print(json.dumps(result, indent=1) if args.json else livebench.table(result), flush=True)
+    return 1 if any("error" in r for r in result["live"]) else 0
 
 
 class _Terminated(Exception):
@@ -512,6 +535,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--dir {args.dir} is not a writable directory")
     if args.qemu:
         return _qemu_bench(args)
+    if args.live_rates:
+        return _live_bench(args, parser)
     bench = Bench(args)
     skipped = {case: "not in --cases" for case in CASES if case not in args.cases}
     if "iperf3" not in skipped:
