@@ -172,7 +172,10 @@ def _value(key: str, value: str):
     if key == "after":
         return units.parse_size(value)
     if key == "rate":
-        return units.parse_rate(value)
+        rate = units.parse_rate(value)
+        if rate < 1e6:  # a pause at most ~2 s per packet: a cancel must not wait for ever
+            raise ValueError(f"rate={value!r} is below 1MB/s")
+        return rate
     if key in ("packet", "round"):
         if not value.isdigit():
             raise ValueError(f"{key}={value!r} is not a number")

@@ -36,7 +36,7 @@ from .address import format_address
 from .conn import Conn, TlsConn, within_handshake
 from .errors import Stage, collapse_group
 from .faults import NO_FAULTS, Faults, Phase
-from .image import SourceImage
+from .image import SourceImage, copy_file
 from .workload import Workload
 from .digest import BlockTerms
 from .pump import BlockSender, totals
@@ -291,10 +291,7 @@ def _save_final(copy: str, path: str) -> None:
     tmp = f"{path}.part"
     try:
         with open(copy, "rb") as src, open(tmp, "wb") as dst:
-            size = os.fstat(src.fileno()).st_size
-            done = 0
-            while done < size:
-                done += os.sendfile(dst.fileno(), src.fileno(), done, size - done)
+            copy_file(src.fileno(), dst.fileno())
         os.rename(tmp, path)
     except OSError as exc:
         with contextlib.suppress(OSError):

@@ -31,6 +31,7 @@ import sys
 import time
 
 from .errors import MultifdError
+from .image import copy_file
 
 # The log's shared header: which log is active, the flip generation the sender asked for and
 # the one the workload acknowledged, pause asked and acknowledged, pages written, and the
@@ -144,15 +145,7 @@ class Workload:
         self.proc = None
         try:
             with open(image_path, "rb") as src:
-                size = os.fstat(src.fileno()).st_size
-                os.ftruncate(self.image_fd, size)
-                done = 0
-                while done < size:  # in the kernel: the copy costs no Python loop per page
-                    n = os.sendfile(self.image_fd, src.fileno(), done, size - done)
-                    if n == 0:
-                        raise OSError(f"{image_path} ended at {done} of {size} bytes")
-                    done += n
-            self.size = size
+                self.size = size = copy_file(src.fileno(), self.image_fd)
             self.nblocks = -(-size // (page_size * block_pages))
             os.ftruncate(self.log_fd, Log.size(self.nblocks))
             self.log = Log(self.log_fd, self.nblocks)

@@ -74,6 +74,8 @@ def test_specs_parse(spec, side, expected):
     ("crash@control:round=0", "recv", "the control channel has no rounds or syncs"),
     ("corrupt-header@control", "send", "the control channel carries no packets"),
     ("full-disk@2:after=1M", "recv", "full-disk strikes the output file, not a channel"),
+    ("throttle@1:rate=0", "send", "rate='0' is below 1MB/s"),
+    ("throttle@1:rate=fast", "recv", "not a rate"),
 ])
 def test_malformed_specs_say_what_is_wrong(spec, side, why):
     with pytest.raises(E.UsageError) as info:

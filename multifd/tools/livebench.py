@@ -36,7 +36,10 @@ def _one(image: str, rate: float, channels: int, pattern: str, timeout: float) -
                              "127.0.0.1:0", "--discard", "--quiet"], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        port = LISTENING.search(recv.stderr.readline()).group(2)
+        listening = LISTENING.search(recv.stderr.readline())
+        if listening is None:
+            return {"error": f"multifd-recv did not start: {recv.stderr.read()[-300:]}"}
+        port = listening.group(2)
         args = [sys.executable, "-m", "multifd.send_cli", f"127.0.0.1:{port}", image,
                 "--channels", str(channels), "--json", "--quiet"]
         if rate:
@@ -44,7 +47,8 @@ def _one(image: str, rate: float, channels: int, pattern: str, timeout: float) -
         sent = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
         recv.wait(timeout=timeout)
         if sent.returncode:
-            return {"error": sent.stderr.strip().splitlines()[-1]}
+            lines = sent.stderr.strip().splitlines()
+            return {"error": lines[-1] if lines else f"multifd-send exited {sent.returncode}"}
         report = json.loads(sent.stdout)
         live = report.get("live") or {"rounds": [{}], "converged": True, "downtime": None}
         return {"rounds": len(live["rounds"]), "converged": live["converged"],
