@@ -94,6 +94,20 @@ def progress_printer(label: str, enabled: bool):
     return progress
 
 
+def round_printer(enabled: bool):
+    """on_round for a live sender: each round's line on stderr as it ends (over the progress
+    bar, which redraws below it), or None."""
+    if not enabled:
+        return None
+
+    def show(round) -> None:
+        sys.stderr.write(f"\r\x1b[K{round.line()}\n" if sys.stderr.isatty() else
+                         f"{round.line()}\n")
+        sys.stderr.flush()
+
+    return show
+
+
 _SIGNALS = {signal.SIGINT: (Interrupted, "interrupted"),
             signal.SIGTERM: (Terminated, "terminated by SIGTERM")}
 

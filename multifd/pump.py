@@ -4,7 +4,8 @@ Ownership: each BlockSender / BlockReceiver belongs to one channel task and is u
 the worker thread that task starts (Conn.run forbids two at once). Its buffers are reused for
 every block; its counters have that one writer, and other tasks only read them for progress.
 Per block the Python work is constant: no loop runs per page (pages.PageScanner finds zero
-pages at C speed; runs are per contiguous range, not per page).
+pages at C speed; runs are per contiguous range, not per page). The one exception is the page
+digest of a live session: one hash call per data page (digest.PageTerms).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from . import codec
 from . import errors as E
 from . import wire
 from .conn import Conn
-from .digest import BlockTerms, DigestSum, block_term, term_bytes
+from .digest import BlockTerms, DigestSum, PageTerms, term_bytes, terms_for
 from .errors import Stage
 from .image import OutputFile, SourceImage
 from .pages import PageScanner, zeros
@@ -81,14 +82,38 @@ class LastRoundWins:
                 side="receiver", stage=Stage.VERIFY)
 
 
+def unpack_runs(packed, ranges) -> list[tuple[int, int, int]]:
+    """Runs found in pages packed range after range, as runs of the block: `ranges` are the
+    (first page in block, pages) each packed range came from; a run that spans two ranges
+    becomes one run in each."""
+    if len(packed) == 1:  # all data, or all zero: each range is one run
+        kind = packed[0][2]
+        return [(first, n, kind) for first, n in ranges]
+    runs, i = [], 0
+    (first, n), start = ranges[0], 0  # the range, and where it begins among packed pages
+    for at, count, kind in packed:
+        while count:
+            while at >= start + n:
+                start += n
+                i += 1
+                first, n = ranges[i]
+            take = min(count, start + n - at)
+            runs.append((first + at - start, take, kind))
+            at, count = at + take, count - take
+    return runs
+
+
 class BlockSender:
     def __init__(self, conn: Conn, source: SourceImage, session: wire.Session,
-                 method: codec.Method = codec.Method(), terms: BlockTerms | None = None,
-                 live: bool = False) -> None:
+                 method: codec.Method = codec.Method(),
+                 terms: BlockTerms | PageTerms | None = None, live: bool = False) -> None:
         self.conn = conn
         self.source = source
         self.session = session
-        self.terms = BlockTerms(session.nblocks) if terms is None else terms
+        self.terms = terms_for(session) if terms is None else terms
+        self.page_digest = isinstance(self.terms, PageTerms)
+        if live and not self.page_digest:  # a later round may carry some pages of a block
+            raise E.LocalProtocolError("a live source needs a session with page digests")
         self.snapshot = bytearray(session.block_bytes) if live else None
         self._snapshot_view = memoryview(self.snapshot) if live else None
         self.compressor = None if method.compression is Compression.NONE else \
@@ -97,37 +122,61 @@ class BlockSender:
         self.seq = 0
         self.counters = Counters()
 
-    def send_blocks(self, first: int, last: int, round: int = 0) -> int:
-        """Send blocks [first, last) as full-block packets; returns payload bytes sent."""
+    def send_blocks(self, first: int, last: int, round: int = 0, dirty=None) -> int:
+        """Send blocks [first, last): whole, or (dirty: a dirty.Dirty) each block's dirty
+        pages; returns payload bytes sent."""
         s = self.session
         start = first * s.block_bytes
         end = min(last * s.block_bytes, s.image_size)
         with self.source.mapped(start, end - start) as (window, delta):
             with memoryview(window) as view:
-                return sum(self._send_block(window, view, delta + b * s.block_bytes - start, b,
-                                            round) for b in range(first, last))
+                if dirty is None:
+                    return sum(self._send_block(view, delta + b * s.block_bytes - start, b,
+                                                round, None) for b in range(first, last))
+                # A batch of dirty pages may reach across clean blocks: they send nothing.
+                return sum(self._send_block(view, delta + b * s.block_bytes - start, b, round,
+                                            ranges)
+                           for b in range(first, last) if (ranges := dirty.ranges(b)) != ())
 
-    def _send_block(self, window, view: memoryview, at: int, block: int, round: int) -> int:
+    def _send_block(self, view: memoryview, at: int, block: int, round: int,
+                    ranges: tuple[tuple[int, int], ...] | None) -> int:
+        """One packet: the block's pages in `ranges` ((first page, pages) runs), or all of
+        them (None)."""
         s = self.session
         page = s.page_size
         length = s.block_len(block)
-        npages = -(-length // page)
-        if self.snapshot is not None:
-            # A live source writes while we read: scan, hash and send one copy of the block,
-            # or the bytes sent could differ from their digest term.
-            self.snapshot[:length] = view[at:at + length]
-            view, at = self._snapshot_view, 0
-        runs, zero = self.scanner.runs(view, at, length)
-        term = block_term(view[at:at + length], block)
-        self.terms.set(block, term)
-        parts = [b""]  # the header, once the payload is known
-        for first, n, kind in runs:
-            if kind == RunKind.DATA:
-                lo, hi = at + first * page, at + min((first + n) * page, length)
-                parts.append(view[lo:hi])
-                if hi - lo < n * page:  # the image's partial last page travels zero-padded
-                    parts.append(bytes(n * page - (hi - lo)))
+        if ranges is None:
+            ranges = ((0, -(-length // page)),)
+            flags = _FULL
+        else:
+            flags = wire.FLAG_DIGEST
+        if self.snapshot is None:  # a still image: whole blocks, read in place
+            runs, zero = self.scanner.runs(view, at, length)
+            data = [view[at + f * page:at + min((f + n) * page, length)]
+                    for f, n, kind in runs if kind == RunKind.DATA]
+            npages, carried = ranges[0][1], length
+        else:
+            # A live source writes while we read: scan, hash and send one copy of the pages
+            # (packed range after range), or what is sent could differ from its term.
+            carried = 0
+            for first, n in ranges:
+                lo, hi = first * page, min((first + n) * page, length)
+                self.snapshot[carried:carried + hi - lo] = view[at + lo:at + hi]
+                carried += hi - lo
+            view = self._snapshot_view
+            packed, zero = self.scanner.runs(view, 0, carried)
+            npages = -(-carried // page)
+            runs = unpack_runs(packed, ranges)
+            data = [view[f * page:min((f + n) * page, carried)]
+                    for f, n, kind in packed if kind == RunKind.DATA]
+        if self.page_digest:
+            term = self.terms.take(data, block, runs)
+        else:
+            term = self.terms.take(view[at:at + length], block)
+        parts = [b"", *data]  # the header, once the payload is known; the data pages
         data_bytes = (npages - zero) * page
+        if carried < npages * page and data:  # the image's short last page travels padded
+            parts.append(bytes(data_bytes - sum(map(len, data))))
         packed = self.compressor.compress(b"".join(parts[1:])) \
             if self.compressor is not None and data_bytes else None
         compression = Compression.NONE if packed is None else self.session.compression
@@ -136,7 +185,7 @@ class BlockSender:
             parts.append(packed)
         parts[0] = wire.encode_packet(PacketKind.PAGES, seq=self.seq, round=round,
                                       offset=block * s.block_bytes, runs=runs, page_size=page,
-                                      flags=_FULL, digest=term_bytes(term),
+                                      flags=flags, digest=term_bytes(term),
                                       compression=compression,
                                       payload_len=None if packed is None else len(packed))
         try:
@@ -151,7 +200,7 @@ class BlockSender:
         c.zero_pages += zero
         c.payload_bytes += data_bytes
         c.wire_bytes += data_bytes if packed is None else len(packed)
-        c.image_bytes += length
+        c.image_bytes += carried
         return data_bytes if packed is None else len(packed)
 
     def send_marker(self, kind: PacketKind, round: int) -> None:
@@ -174,7 +223,7 @@ class BlockReceiver:
 
     def __init__(self, conn: Conn, session: wire.Session, output: OutputFile | None,
                  arrivals: LastRoundWins, channel: int = 0,
-                 terms: BlockTerms | None = None) -> None:
+                 terms: BlockTerms | PageTerms | None = None) -> None:
         self.conn = conn
         self.channel = channel
         self.session = session
@@ -190,7 +239,9 @@ class BlockReceiver:
         self.head_view = memoryview(self.head)
         self.runs_view = memoryview(bytearray(wire.RUN.size * session.block_pages))
         self.seq = 0
-        self.terms = BlockTerms(session.nblocks) if terms is None else terms
+        self.terms = terms_for(session) if terms is None else terms
+        # Only page digests can check a packet that carries some of a block's pages.
+        self.partial = session.digest is wire.DigestAlg.XXH3_64_PAGE_SUM
         self.counters = Counters()
 
     def receive_round(self, round: int) -> wire.PacketHeader:
@@ -202,12 +253,16 @@ class BlockReceiver:
             if h.kind is not PacketKind.PAGES:
                 return h
             runs = self._runs(h)
-            block, length, zero = self._payload(h, runs)
-            term = self._check_digest(h, block, length)
-            self.arrivals.arrived(block, round)
-            self.terms.set(block, term)
-            self._write(h, runs, length)
-            self._count(h, length, zero)
+            block = h.offset // self.session.block_bytes
+            length = self.session.block_len(block)
+            if self.partial:
+                zero = self._receive_pages(h, runs, block, length)
+            else:
+                zero = self._payload(h, runs)
+                self._check(h, self.terms.take(self.view[:length], block))
+                self.arrivals.arrived(block, round)
+                self._write(h, runs, length)
+            self._count(h, runs, length, zero)
 
     def _header(self, round: int) -> wire.PacketHeader:
         self.conn.recv_exactly(self.head_view, "a packet header")
@@ -217,10 +272,12 @@ class BlockReceiver:
         if h.round != round:
             raise E.RemoteProtocolError(f"packet {h.seq} is for round {h.round} "
                                         f"(expected round {round})")
-        if h.kind is PacketKind.PAGES and h.flags != _FULL:
+        if h.kind is PacketKind.PAGES and h.flags != _FULL and not (
+                h.flags == wire.FLAG_DIGEST and self.partial and round):
             raise E.RemoteProtocolError(
-                f"packet {h.seq}: flags 0x{h.flags:02x} (this receiver takes full blocks "
-                f"with digests, 0x{_FULL:02x})")
+                f"packet {h.seq}: flags 0x{h.flags:02x} (expected whole blocks with digests, "
+                f"0x{_FULL:02x}" + (", or after round 0 some pages of one with its digest, "
+                                    f"0x{wire.FLAG_DIGEST:02x})" if self.partial else ")"))
         self.seq += 1
         return h
 
@@ -229,10 +286,34 @@ class BlockReceiver:
         self.conn.recv_exactly(table, "a run table")
         return wire.decode_runs(table, h, self.session)
 
-    def _payload(self, h: wire.PacketHeader, runs) -> tuple[int, int, int]:
-        """The block's bytes into the buffer; returns (block, its length, zero pages)."""
+    def _receive_pages(self, h: wire.PacketHeader, runs, block: int, length: int) -> int:
+        """A packet of a page-digest session (whole block or some of its pages): the data
+        pages read in one piece, checked, then written run by run; returns its zero pages.
+        """
         page = self.session.page_size
-        block = h.offset // self.session.block_bytes
+        ndata = sum(n for _, n, kind in runs if kind == RunKind.DATA)
+        packed = self._unpacked(h, runs)
+        if packed is None:
+            packed = self.view[:ndata * page]
+            self.conn.recv_exactly(packed, "packet payload")
+        last, n, kind = runs[-1]  # the image's short last page, if it came, came padded
+        short = max(0, (last + n) * page - length) if kind == RunKind.DATA else 0
+        self._check(h, self.terms.take((packed[:ndata * page - short],), block, runs))
+        self.arrivals.arrived(block, h.round)
+        if self.output is not None:
+            at = 0
+            for first, n, kind in runs:
+                lo, hi = first * page, min((first + n) * page, length)
+                if kind == RunKind.DATA:
+                    self.output.write(packed[at:at + hi - lo], h.offset + lo)
+                    at += n * page
+                elif h.round:  # see _write
+                    self.output.write(self.zeros[:hi - lo], h.offset + lo)
+        return sum(n for _, n, kind in runs if kind != RunKind.DATA)
+
+    def _payload(self, h: wire.PacketHeader, runs) -> int:
+        """The block's bytes into the buffer, run by run; returns its zero pages."""
+        page = self.session.page_size
         data = self._unpacked(h, runs)
         zero, at = 0, 0
         for start, n, kind in runs:
@@ -245,7 +326,7 @@ class BlockReceiver:
             else:
                 part[:] = data[at:at + n * page]
                 at += n * page
-        return block, self.session.block_len(block), zero
+        return zero
 
     def _unpacked(self, h: wire.PacketHeader, runs) -> memoryview | None:
         """A compressed payload's data pages, decoded; None for a plain one (read in place)."""
@@ -258,12 +339,11 @@ class BlockReceiver:
         size = sum(n for _, n, kind in runs if kind == RunKind.DATA) * self.session.page_size
         return memoryview(self.decompressor.decompress(packed, size, h.seq))
 
-    def _check_digest(self, h: wire.PacketHeader, block: int, length: int) -> int:
-        term = block_term(self.view[:length], block)
+    def _check(self, h: wire.PacketHeader, term: int) -> None:
+        # The terms are kept as they are computed: a mismatch ends the migration anyway.
         if term_bytes(term) != h.digest:
             raise E.ChecksumMismatch(f"packet {h.seq} (offset {h.offset}): checksum "
                                      f"{term:032x} (expected {h.digest.hex()})")
-        return term
 
     def _write(self, h: wire.PacketHeader, runs, length: int) -> None:
         if self.output is None:
@@ -276,13 +356,16 @@ class BlockReceiver:
                 lo = start * page
                 self.output.write(self.view[lo:min((start + n) * page, length)], h.offset + lo)
 
-    def _count(self, h: wire.PacketHeader, length: int, zero: int) -> None:
+    def _count(self, h: wire.PacketHeader, runs, length: int, zero: int) -> None:
+        page = self.session.page_size
+        npages = sum(n for _, n, _ in runs)
         c = self.counters
         c.packets += 1
         c.blocks += 1
-        c.pages += -(-length // self.session.page_size)
+        c.pages += npages
         c.zero_pages += zero
-        c.payload_bytes += (-(-length // self.session.page_size) - zero) * \
-            self.session.page_size
+        c.payload_bytes += (npages - zero) * page
         c.wire_bytes += h.payload_len
-        c.image_bytes += length
+        # The image's bytes carried: the block's short last page counts as what it holds.
+        last_start, last_n, _ = runs[-1]
+        c.image_bytes += npages * page - max(0, (last_start + last_n) * page - length)

@@ -31,7 +31,7 @@ from .conn import Conn
 from .errors import Stage, collapse_group
 from .faults import NO_FAULTS, Faults, Phase
 from .image import OutputFile
-from .digest import BlockTerms
+from .digest import terms_for
 from .pump import BlockReceiver, LastRoundWins, totals
 from .registry import Registry, open_registry, wait_for_channels
 from .report import Report, reporting_progress
@@ -73,6 +73,7 @@ class RoundBarrier:
         self.channels = channels
         self._arrived: dict[int, set[int]] = {}
         self._released: dict[int, trio.Event] = {}
+        self.released_at: dict[int, float] = {}  # trio time each round was released
 
     async def sync(self, round: int, channel: int) -> None:
         event = self._released.setdefault(round, trio.Event())
@@ -80,6 +81,7 @@ class RoundBarrier:
         arrived.add(channel)
         if len(arrived) == self.channels:
             event.set()
+            self.released_at[round] = trio.current_time()
             del self._arrived[round]
         await event.wait()
 
@@ -115,12 +117,11 @@ async def _receive_channel(receiver: BlockReceiver, barrier: RoundBarrier) -> in
         round += 1
 
 
-async def _receive_rounds(ctl: Conn, receivers: list[BlockReceiver]) -> tuple[set[int],
-                                                                             wire.Complete]:
+async def _receive_rounds(ctl: Conn, receivers: list[BlockReceiver],
+                          barrier: RoundBarrier) -> tuple[set[int], wire.Complete]:
     """Every channel to its END, the control channel heeded meanwhile; then COMPLETE.
 
     Returns the round counts the channels ended with, and the sender's COMPLETE."""
-    barrier = RoundBarrier(len(receivers))
     rounds: set[int] = set()
 
     async def run_channel(receiver: BlockReceiver) -> None:
@@ -190,12 +191,13 @@ async def _migrate(registry: Registry, session: wire.Session | None, output_path
     output = OutputFile(output_path, session.image_size,
                         side.faults.pwrite(os.pwrite)) if output_path else None
     with output if output is not None else nullcontext():
-        arrivals, terms = LastRoundWins(session.nblocks), BlockTerms(session.nblocks)
+        arrivals, terms = LastRoundWins(session.nblocks), terms_for(session)
+        barrier = RoundBarrier(registry.channels)
         receivers = [BlockReceiver(registry.data[i], session, output, arrivals, channel=i,
                                    terms=terms) for i in range(registry.channels)]
         await control.send(ctl, Stage.SETUP, wire.Ready())
         async with reporting_progress(on_progress, receivers, session.image_size):
-            rounds, complete = await _receive_rounds(ctl, receivers)
+            rounds, complete = await _receive_rounds(ctl, receivers, barrier)
         total, counters = _verify(session, complete, receivers, arrivals, rounds)
         side.faults.phase(Phase.COMPLETION)
         if output is not None:
@@ -205,10 +207,18 @@ async def _migrate(registry: Registry, session: wire.Session | None, output_path
         with trio.CancelScope(shield=True):
             if output is not None:
                 output.publish()
-            await control.send(ctl, Stage.FINISH, wire.Done(session.image_size, total.digest()))
-            report = Report.finished(side.name, counters, session.image_size, registry.channels,
-                                     trio.current_time() - started, total.hexdigest(),
-                                     output_path, session.compression.name.lower())
+            # A live migration's downtime, as seen from here: its last round began when the
+            # barrier before it released (the sender pauses its guest about then).
+            last_start = barrier.released_at.get(complete.rounds - 2)
+            last_round = 0.0 if last_start is None else trio.current_time() - last_start
+            await control.send(ctl, Stage.FINISH, wire.Done(
+                session.image_size, total.digest(), round(last_round * 1e6)))
+            report = Report.finished(
+                side.name, counters, session.image_size, registry.channels,
+                trio.current_time() - started, total.hexdigest(), output_path,
+                session.compression.name.lower(), digest_name=terms.name,
+                live=None if last_start is None else {"rounds": complete.rounds,
+                                                      "downtime": round(last_round, 6)})
             if on_complete is not None:  # the outcome is decided: no later signal undoes it
                 on_complete(report)
         # Not shielded: the sender has DONE, and a signal or a failed TLS close now cannot

@@ -24,19 +24,20 @@ class Report:
     channels: int = 0
     seconds: float = 0.0
     digest: str | None = None
+    digest_name: str = "xxh3-128-sum"  # the session's scheme (digest.py)
     output: str | None = None
     error: str | None = None
 
     @classmethod
     def finished(cls, side: str, counters, image_size: int, channels: int, seconds: float,
                  digest: str, output: str | None = None, compression: str = "none",
-                 live: dict | None = None) -> "Report":
+                 live: dict | None = None, digest_name: str = "xxh3-128-sum") -> "Report":
         """The report of a verified migration, from its merged pump.Counters."""
         return cls(side, ok=True, bytes=image_size, payload_bytes=counters.payload_bytes,
                    wire_payload_bytes=counters.wire_bytes, compression=compression, live=live,
                    pages=counters.pages, zero_pages=counters.zero_pages,
                    packets=counters.packets, channels=channels, seconds=seconds,
-                   digest=digest, output=output)
+                   digest=digest, digest_name=digest_name, output=output)
 
     @property
     def throughput(self) -> float:
@@ -57,16 +58,21 @@ class Report:
             lines.append(f"  compression {self.compression}: {human_bytes(self.payload_bytes)}"
                          f" of data pages in {human_bytes(self.wire_payload_bytes)}, ratio "
                          f"{self.payload_bytes / self.wire_payload_bytes:.2f}")
-        if self.live:
+        if self.live and isinstance(self.live["rounds"], int):  # the receiver's view
+            lines.append(f"  live: {self.live['rounds']} rounds, downtime "
+                         f"{self.live['downtime'] * 1e3:.0f} ms (from the start of the last "
+                         f"round to the verified commit)")
+        elif self.live:
             rounds = self.live["rounds"]
             lines.append(f"  live: {len(rounds)} rounds ("
-                         + ", ".join(str(r["blocks"]) for r in rounds) + " blocks), downtime "
-                         f"{self.live['downtime'] * 1e3:.0f} ms"
+                         + ", ".join(str(r["pages"]) for r in rounds) + " pages), downtime "
+                         f"{self.live['downtime'] * 1e3:.0f} ms (receiver: "
+                         f"{self.live['receiver_downtime'] * 1e3:.0f} ms)"
                          + (f", throttle {self.live['throttle']}%" if self.live["throttle"]
                             else "")
                          + ("" if self.live["converged"] else f"; {self.live['why']}"))
         if self.digest:
-            lines.append(f"  digest xxh3-128-sum:{self.digest}")
+            lines.append(f"  digest {self.digest_name}:{self.digest}")
         if self.output:
             lines.append(f"  output {self.output}")
         return "\n".join(lines)

@@ -38,7 +38,7 @@ from .errors import Stage, collapse_group
 from .faults import NO_FAULTS, Faults, Phase
 from .image import SourceImage, copy_file
 from .workload import Workload
-from .digest import BlockTerms
+from .digest import terms_for
 from .pump import BlockSender, totals
 from .ratelimit import RateLimiter, batch_bytes_for
 from .report import Report, reporting_progress
@@ -164,80 +164,88 @@ async def open_sender_channels(host: str, port: int, session_id: bytes, channels
 
 
 async def _channel_round(sender: BlockSender, batches, limiter: RateLimiter | None,
-                         round: int) -> None:
+                         round: int, dirty) -> None:
     """One data channel's part of a round: the batches it takes, then its SYNC."""
     conn = sender.conn
     conn.side.faults.phase(Phase.ROUND, conn.label, round=round)
-    async for first, last in batches:
-        budget = sender.session.block_bytes * (last - first)
+    async for first, last, budget in batches:
         if limiter is not None:
             await limiter.acquire(budget)
-        sent = await conn.run(Stage.DATA, sender.send_blocks, first, last, round)
+        sent = await conn.run(Stage.DATA, sender.send_blocks, first, last, round, dirty)
         if limiter is not None:
             limiter.refund(budget - sent)
     await conn.run(Stage.SYNC, sender.send_marker, wire.PacketKind.SYNC, round)
     conn.side.faults.phase(Phase.SYNC, conn.label)
 
 
-def _batches(blocks, batch_blocks: int):
-    """(first, last) ranges of consecutive blocks, at most batch_blocks long."""
-    first = prev = None
-    for block in blocks:
-        if first is not None and (block != prev + 1 or block - first == batch_blocks):
-            yield first, prev + 1
+MAX_SPAN = 256  # blocks a batch may reach across (the clean ones among them cost a lookup)
+
+
+def _batches(work, batch_bytes: int):
+    """(first, last, bytes): ranges of blocks holding at most batch_bytes of the work (but
+    at least one block), from (block, bytes to send) in block order."""
+    first = last = None
+    weight = 0
+    for block, nbytes in work:
+        if first is not None and (weight + nbytes > batch_bytes or block - first >= MAX_SPAN):
+            yield first, last, weight
             first = None
         if first is None:
-            first = block
-        prev = block
+            first, weight = block, 0
+        last, weight = block + 1, weight + nbytes
     if first is not None:
-        yield first, prev + 1
+        yield first, last, weight
 
 
-async def _produce(batches_tx, blocks, batch_blocks: int) -> None:
+async def _produce(batches_tx, work, batch_bytes: int) -> None:
     async with batches_tx:
-        for batch in _batches(blocks, batch_blocks):
+        for batch in _batches(work, batch_bytes):
             await batches_tx.send(batch)
 
 
 async def _send_round(senders: list[BlockSender], limiter: RateLimiter | None,
-                      batch_blocks: int, round: int, blocks=None) -> None:
-    """The blocks (all of them: None), each once, in batches taken by whichever channel is
-    idle (backpressure: the memory channel holds nothing); returns once every channel has
-    sent its SYNC."""
-    if blocks is None:
-        blocks = range(senders[0].session.nblocks)
+                      per_hop: int, round: int, dirty=None) -> None:
+    """Every block (dirty None), or the dirty pages of a dirty.Dirty, each block once, in
+    batches of about per_hop bytes taken by whichever channel is idle (backpressure: the
+    memory channel holds nothing); returns once every channel has sent its SYNC."""
+    session = senders[0].session
+    if dirty is None:
+        work = [(b, session.block_bytes) for b in range(session.nblocks)]
+    else:
+        work = [(b, n * session.page_size) for b, n in dirty.blocks()]
+    # Spread a small round over every channel rather than one batch on one channel.
+    total = sum(nbytes for _, nbytes in work)
+    batch_bytes = max(1, min(per_hop, -(-total // len(senders))))
     batches_tx, batches_rx = trio.open_memory_channel(0)
     with batches_rx:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_produce, batches_tx, blocks, batch_blocks)
+            nursery.start_soon(_produce, batches_tx, work, batch_bytes)
             for sender in senders:
-                nursery.start_soon(_channel_round, sender, batches_rx, limiter, round)
+                nursery.start_soon(_channel_round, sender, batches_rx, limiter, round, dirty)
 
 
 async def _transfer(ctl: Conn, senders: list[BlockSender], max_bandwidth: float | None,
-                    live: precopy.Live | None = None, workload=None) -> precopy.Outcome | None:
+                    live: precopy.Live | None = None, workload=None,
+                    on_round=None) -> precopy.Outcome | None:
     """Every round, then END on every channel, the control channel heeded meanwhile;
     returns the live rounds' outcome (None: one round of a still image)."""
     session = senders[0].session
     limiter = RateLimiter(max_bandwidth) if max_bandwidth else None
     per_hop = batch_bytes_for(max_bandwidth, BATCH_BYTES)
-    # Spread small images over every channel rather than one batch on one channel.
-    batch_blocks = max(1, min(per_hop // session.block_bytes,
-                              -(-session.nblocks // len(senders))))
     # A receiver that fails says why on the control channel, even while our sends hang.
     outcome = None
     async with control.heeding(ctl, Stage.DATA, None):
         if live is None:
             for round in range(ROUNDS):
-                await _send_round(senders, limiter, batch_blocks, round)
+                await _send_round(senders, limiter, per_hop, round)
             rounds = ROUNDS
         else:
-            async def send_round(blocks, round):
-                await _send_round(senders, limiter, batch_blocks, round, blocks)
+            async def send_round(dirty, round):
+                await _send_round(senders, limiter, per_hop, round, dirty)
 
             outcome = await precopy.run(send_round, workload,
                                         lambda: totals(senders, digest=False)[1],
-                                        session.block_bytes, live)
+                                        session.page_size, live, on_round)
             rounds = len(outcome.rounds)
         async with trio.open_nursery() as nursery:
             for sender in senders:
@@ -256,15 +264,18 @@ async def _complete(ctl: Conn, senders: list[BlockSender], rounds: int, side: Si
         raise E.VerificationError(f"receiver confirmed digest {done.digest.hex()} "
                                   f"(expected {total.hexdigest()})", side=side.name,
                                   stage=Stage.FINISH)
-    return total, counters
+    return total, counters, done
 
 
 def _session(source: SourceImage, channels: int, page_size: int, block_pages: int,
              max_bandwidth: float | None, timeouts: Timeouts,
-             compression: wire.Compression = wire.Compression.NONE) -> wire.Session:
-    """The session this image and these options make, or the usage error that says why not."""
+             compression: wire.Compression = wire.Compression.NONE,
+             live: bool = False) -> wire.Session:
+    """The session this image and these options make, or the usage error that says why not.
+    A live image is digested per page: later rounds send only a block's dirty pages."""
+    digest = wire.DigestAlg.XXH3_64_PAGE_SUM if live else wire.DigestAlg.XXH3_128_BLOCK_SUM
     try:
-        session = wire.Session(source.size, page_size, block_pages, compression=compression)
+        session = wire.Session(source.size, page_size, block_pages, digest, compression)
     except E.LocalProtocolError as exc:
         raise E.UsageError(exc.message) from None
     if max_bandwidth and channels * session.block_bytes / max_bandwidth > timeouts.idle / 2:
@@ -304,10 +315,11 @@ async def send_image(host: str, port: int, path: str, *, channels: int = 4,
                      max_bandwidth: float | None = None, timeouts: Timeouts = Timeouts(),
                      method: codec.Method = codec.Method(), live: precopy.Live | None = None,
                      tls: T.ClientTls | None = None, faults: Faults = NO_FAULTS,
-                     on_progress=None, on_complete=None) -> Report:
+                     on_progress=None, on_complete=None, on_round=None) -> Report:
     """Migrate the image at `path` to the receiver at host:port. Raises MultifdError.
 
-    on_complete(report) is called the moment the receiver's DONE confirmed the image, before
+    on_round(precopy.Round) is told of each live round as it ends. on_complete(report) is
+    called the moment the receiver's DONE confirmed the image, before
     the cleanup that a late cancellation could still interrupt."""
     if not 1 <= channels <= wire.MAX_CHANNELS:
         raise E.UsageError(f"--channels {channels} out of range (1..{wire.MAX_CHANNELS})")
@@ -319,29 +331,31 @@ async def send_image(host: str, port: int, path: str, *, channels: int = 4,
                 _start_workload, path, page_size, block_pages, live))
         source = stack.enter_context(SourceImage(workload.path if workload else path))
         session = _session(source, channels, page_size, block_pages, max_bandwidth, timeouts,
-                           method.compression)
+                           method.compression, live is not None)
         started = trio.current_time()
         async with open_sender_channels(host, port, uuid.uuid4().bytes, channels,
                                         side) as (ctl, datas):
             side.faults.phase(Phase.SETUP)
-            terms = BlockTerms(session.nblocks)
+            terms = terms_for(session)
             senders = [BlockSender(conn, source, session, method, terms, live is not None)
                        for conn in datas]
             async with control.concluding(lambda: ctl):
                 async with reporting_progress(on_progress, senders, session.image_size):
                     await control.send(ctl, Stage.SETUP, session)
                     await control.receive(ctl, Stage.SETUP, wire.Ready)
-                    outcome = await _transfer(ctl, senders, max_bandwidth, live, workload)
+                    outcome = await _transfer(ctl, senders, max_bandwidth, live, workload,
+                                              on_round)
                 rounds = ROUNDS if outcome is None else len(outcome.rounds)
-                total, counters = await _complete(ctl, senders, rounds, side)
+                total, counters, done = await _complete(ctl, senders, rounds, side)
                 if outcome is not None:
                     outcome.downtime = trio.current_time() - outcome.paused_at
+                    outcome.receiver_downtime = done.last_round_us / 1e6
                     if live.save_final:
                         await trio.to_thread.run_sync(_save_final, workload.path,
                                                       live.save_final)
                 report = Report.finished(side.name, counters, session.image_size, channels,
                                          trio.current_time() - started, total.hexdigest(),
-                                         compression=str(method),
+                                         compression=str(method), digest_name=terms.name,
                                          live=None if outcome is None else outcome.as_dict())
                 if on_complete is not None:
                     on_complete(report)

@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         timeouts=cli.timeouts_from(args), tls=credentials,
         faults=cli.faults_from(PROG, args, "send"),
         on_progress=cli.progress_printer("sending", not args.quiet and not args.json),
+        on_round=cli.round_printer(not args.quiet and not args.json),
         on_complete=completed.append)
     return cli.run(PROG, "sender", main_fn, args.json, completed)
 

@@ -18,7 +18,7 @@ from . import errors as E
 MAGIC = 0x4D464431  # "MFD1": starts every hello and hello reply
 MAGIC_BYTES = MAGIC.to_bytes(4, "big")  # as it appears first on the wire
 PACKET_MAGIC = 0x4D464450  # "MFDP": starts every data packet
-VERSION = 2  # 2: compressed payloads (Compression ZLIB, ZSTD)
+VERSION = 2  # 2: live precopy: compressed payloads, partial packets, page digests, DONE timing
 
 MAX_CHANNELS = 64
 MIN_PAGE_SIZE = 512
@@ -83,7 +83,8 @@ class RunKind(enum.IntEnum):
 
 
 class DigestAlg(enum.IntEnum):
-    XXH3_128_BLOCK_SUM = 1
+    XXH3_128_BLOCK_SUM = 1  # a term per block: packets carry whole blocks
+    XXH3_64_PAGE_SUM = 2  # a term per page: packets may carry some of a block's pages (live)
 
 
 class Compression(enum.IntEnum):
@@ -101,7 +102,7 @@ class ErrorCode(enum.IntEnum):
     CANCELLED = 6
 
 
-FLAG_DIGEST = 0x01  # the packet carries the block's digest term
+FLAG_DIGEST = 0x01  # the packet carries the digest term of the pages it carries
 FLAG_FULL_BLOCK = 0x02  # the runs tile the whole block
 _KNOWN_PACKET_FLAGS = FLAG_DIGEST | FLAG_FULL_BLOCK
 
@@ -110,7 +111,7 @@ HELLO_REPLY = struct.Struct("!IHBB")  # magic version status reserved
 FRAME = struct.Struct("!BBHI")  # type flags reserved length
 SESSION = struct.Struct("!QIIBBHI")  # size page_size block_pages digest compression flags reserved
 COMPLETE = struct.Struct("!IIQQQ16s")  # rounds reserved packets pages zero_pages digest
-DONE = struct.Struct("!Q16s")  # bytes digest
+DONE = struct.Struct("!Q16sQ")  # bytes digest last-round-microseconds
 ERROR = struct.Struct("!HH")  # code reserved, then UTF-8 text
 PACKET = struct.Struct("!IBBHIIQIB3s16s")  # see docs/PROTOCOL.md
 RUN = struct.Struct("!IHBB")  # first page in block, pages, kind, reserved
@@ -273,6 +274,9 @@ class Complete:
 class Done:
     bytes: int
     digest: bytes
+    # From the release of the barrier before the last round to the verified commit: a live
+    # migration's downtime as the receiver saw it (0 for one round).
+    last_round_us: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,7 +304,7 @@ def encode_control(msg: ControlMessage) -> bytes:
         return _frame(ControlType.COMPLETE, COMPLETE.pack(
             msg.rounds, 0, msg.packets, msg.pages, msg.zero_pages, msg.digest))
     if isinstance(msg, Done):
-        return _frame(ControlType.DONE, DONE.pack(msg.bytes, msg.digest))
+        return _frame(ControlType.DONE, DONE.pack(msg.bytes, msg.digest, msg.last_round_us))
     if isinstance(msg, ErrorMessage):
         # Cut at a character boundary: the text on the wire is always valid UTF-8.
         text = msg.text.encode("utf-8", "replace")[:MAX_ERROR_TEXT]
@@ -481,8 +485,10 @@ def decode_runs(data, header: PacketHeader, session: Session) -> list[tuple[int,
     end = 0
     data_pages = 0
     for first, n, kind, reserved in RUN.iter_unpack(data):
-        _known(RunKind, kind, f"packet {header.seq} run kind")
-        _canonical(reserved, 0, f"packet {header.seq} run")
+        if kind != RunKind.DATA and kind != RunKind.ZERO:  # (a run per page is common live)
+            _known(RunKind, kind, f"packet {header.seq} run kind")
+        if reserved:
+            _canonical(reserved, 0, f"packet {header.seq} run")
         if n == 0:
             raise E.RemoteProtocolError(
                 f"packet {header.seq}: run at page {first} has 0 pages (expected at least 1)")

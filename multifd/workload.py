@@ -1,10 +1,10 @@
 """The guest of a live migration: a process that keeps writing into the sender's copy of the
-image, at a set rate and in a set pattern, and logs which blocks it dirtied, as a hypervisor's
+image, at a set rate and in a set pattern, and logs which pages it dirtied, as a hypervisor's
 dirty bitmap does.
 
 The copy and the log are shared memory (memfd), mapped by the sender and by this process. The
 workload writes new content into a page (an 8-byte counter at a place that moves, never only
-a flag), then marks the page's block in the active log. The sender reads the log by flipping
+a flag), then marks the page in the active log. The sender reads the log by flipping
 it: it makes the other log active, waits until the workload acknowledges the flip (which it
 does between two pages, after marking the last), and then reads and clears the log it had.
 So a write is either marked in the log the sender reads, or in the next one: a page written
@@ -16,7 +16,7 @@ Patterns (seeded, reproducible):
     sweep     one byte incremented in every page, page after page, wrapping (QEMU's own
               migration test guest)
 
-    python -m multifd.workload MEMFD LOGFD PAGE_SIZE BLOCK_PAGES RATE PATTERN SEED OWNER_PID
+    python -m multifd.workload MEMFD LOGFD PAGE_SIZE RATE PATTERN SEED OWNER_PID
 (started by `Workload`, which owns the process and its shared memory).
 """
 
@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 
+from .dirty import Dirty
 from .errors import MultifdError
 from .image import copy_file
 
@@ -58,16 +59,16 @@ def parse_pattern(text: str) -> tuple[str, float]:
 
 
 class Log:
-    """The shared dirty log: a header and two logs of one byte per block."""
+    """The shared dirty log: a header and two logs of one byte per page."""
 
-    def __init__(self, fd: int, nblocks: int) -> None:
-        self.nblocks = nblocks
-        self.map = mmap.mmap(fd, self.size(nblocks))
+    def __init__(self, fd: int, npages: int) -> None:
+        self.npages = npages
+        self.map = mmap.mmap(fd, self.size(npages))
         self.view = memoryview(self.map)
 
     @staticmethod
-    def size(nblocks: int) -> int:
-        return _HEADER.size + 2 * nblocks
+    def size(npages: int) -> int:
+        return _HEADER.size + 2 * npages
 
     def get(self, field: int) -> int:
         return struct.unpack_from("=Q", self.map, 8 * field)[0]
@@ -76,23 +77,22 @@ class Log:
         struct.pack_into("=Q", self.map, 8 * field, value)
 
     def log(self, which: int) -> memoryview:
-        start = _HEADER.size + which * self.nblocks
-        return self.view[start:start + self.nblocks]
+        start = _HEADER.size + which * self.npages
+        return self.view[start:start + self.npages]
 
     def close(self) -> None:
         self.view.release()
         self.map.close()
 
 
-def _writer(image_fd: int, log_fd: int, page_size: int, block_pages: int, rate: float,
-            pattern: str, seed: int, owner: int) -> None:
+def _writer(image_fd: int, log_fd: int, page_size: int, rate: float, pattern: str, seed: int,
+            owner: int) -> None:
     """The workload's loop (in its own process): write, mark, answer flips and pauses; end
     when its owner is gone (a sender that crashed cannot end it)."""
     size = os.fstat(image_fd).st_size
-    npages = size // page_size
-    nblocks = -(-size // (page_size * block_pages))
+    npages = size // page_size  # whole pages: the short last one is never written
     image = mmap.mmap(image_fd, size)
-    log = Log(log_fd, nblocks)
+    log = Log(log_fd, -(-size // page_size))
     name, hot = parse_pattern(pattern)
     rng = random.Random(seed)
     hot_pages = max(1, int(npages * hot))
@@ -128,7 +128,7 @@ def _writer(image_fd: int, log_fd: int, page_size: int, block_pages: int, rate: 
                 written += 1
                 at = page * page_size + (written * 8) % page_size
                 struct.pack_into("=Q", image, at, written)
-            active[page // block_pages] = 1  # after the write: see the module docstring
+            active[page] = 1  # after the write: see the module docstring
             log.put(WRITTEN, log.get(WRITTEN) + 1)
 
 
@@ -146,13 +146,12 @@ class Workload:
         try:
             with open(image_path, "rb") as src:
                 self.size = size = copy_file(src.fileno(), self.image_fd)
-            self.nblocks = -(-size // (page_size * block_pages))
-            os.ftruncate(self.log_fd, Log.size(self.nblocks))
-            self.log = Log(self.log_fd, self.nblocks)
+            self.npages = -(-size // page_size)
+            os.ftruncate(self.log_fd, Log.size(self.npages))
+            self.log = Log(self.log_fd, self.npages)
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "multifd.workload", str(self.image_fd), str(self.log_fd),
-                 str(page_size), str(block_pages), repr(rate), pattern, str(seed),
-                 str(os.getpid())],
+                 str(page_size), repr(rate), pattern, str(seed), str(os.getpid())],
                 pass_fds=(self.image_fd, self.log_fd), stdin=subprocess.DEVNULL)
         except BaseException:
             self.close()
@@ -173,8 +172,8 @@ class Workload:
                 raise MultifdError(f"the workload did not answer within {timeout:g}s: {what}")
             time.sleep(0.0002)
 
-    def sync(self) -> list[int]:
-        """The blocks dirtied since the last sync (read and cleared, as a dirty bitmap)."""
+    def sync(self) -> Dirty:
+        """The pages dirtied since the last sync (read and cleared, as a dirty bitmap)."""
         log = self.log
         old = log.get(ACTIVE)
         log.put(ACTIVE, 1 - old)
@@ -182,9 +181,9 @@ class Workload:
         log.put(ASKED, asked)
         self._wait(lambda: log.get(SEEN) == asked, "flipping the dirty log")
         dirty = log.log(old)
-        blocks = [i for i, mark in enumerate(bytes(dirty)) if mark]
-        dirty[:] = bytes(self.nblocks)
-        return blocks
+        marks = bytes(dirty)
+        dirty[:] = bytes(self.npages)
+        return Dirty(marks, self.block_pages)
 
     def pause(self) -> None:
         self.log.put(PAUSE, 1)
@@ -222,6 +221,6 @@ class Workload:
 
 
 if __name__ == "__main__":
-    image_fd, log_fd, page, block_pages = map(int, sys.argv[1:5])
-    _writer(image_fd, log_fd, page, block_pages, float(sys.argv[5]), sys.argv[6],
-            int(sys.argv[7]), int(sys.argv[8]))
+    image_fd, log_fd, page = map(int, sys.argv[1:4])
+    _writer(image_fd, log_fd, page, float(sys.argv[4]), sys.argv[5], int(sys.argv[6]),
+            int(sys.argv[7]))

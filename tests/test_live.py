@@ -42,8 +42,13 @@ def test_the_output_is_the_state_at_the_pause(make_image, tmp_path, pattern):
     assert live["rounds"][0]["pages"] == 16 * MiB // 4096
     for name in ("pages", "zero_pages"):
         assert sum(r[name] for r in live["rounds"]) == report[name] == received[name]
-    assert live["downtime"] > 0
+    assert live["downtime"] > 0 and live["receiver_downtime"] > 0
+    assert received["live"]["rounds"] == len(live["rounds"])
+    assert received["live"]["downtime"] == live["receiver_downtime"]
     assert report["digest"] == received["digest"]
+    assert report["digest_name"] == received["digest_name"] == "xxh3-64-page-sum"
+    if pattern != "sweep":  # scattered writes: later rounds carry some pages of each block
+        assert any(r["pages"] < 64 * r["blocks"] for r in live["rounds"][1:]), live["rounds"]
 
 
 @pytest.mark.timeout(60)
@@ -91,9 +96,9 @@ def test_a_slow_dirty_rate_converges_and_auto_converge_makes_a_fast_one_converge
         image, tmp_path / "slow", "--dirty-rate", "2MB/s", "--dirty-pattern", "hot:5%",
         "--max-bandwidth", "64MB/s")
     assert out == final and report["live"]["converged"]
-    # 10% of the writes land anywhere: unthrottled they dirty every block each round.
-    fast = ("--dirty-rate", "100MB/s", "--dirty-pattern", "hot:5%", "--max-bandwidth",
-            "32MB/s", "--downtime-limit", "100ms", "--max-rounds", "14")
+    # Three times what the link drains: unthrottled, each round leaves more than it sent.
+    fast = ("--dirty-rate", "100MB/s", "--max-bandwidth", "32MB/s", "--downtime-limit",
+            "100ms", "--max-rounds", "14")
     (tmp_path / "plain").mkdir()
     report, _, out, final = live_migration(image, tmp_path / "plain", *fast)
     assert out == final and not report["live"]["converged"]

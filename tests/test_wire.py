@@ -169,7 +169,7 @@ def test_struct_sizes_match_the_document():
     assert W.FRAME.size == 8
     assert W.SESSION.size == 24
     assert W.COMPLETE.size == 48
-    assert W.DONE.size == 24
+    assert W.DONE.size == 32
     assert W.PACKET.size == 48
     assert W.RUN.size == 8
     assert W.ERROR.size == 4
@@ -186,7 +186,7 @@ def test_encoded_sizes():
     assert len(W.encode_control(Ready())) == 8
     assert len(W.encode_control(S)) == 8 + 24
     assert len(W.encode_control(Complete(1, 2, 3, 4, DIGEST))) == 8 + 48
-    assert len(W.encode_control(Done(5, DIGEST))) == 8 + 24
+    assert len(W.encode_control(Done(5, DIGEST))) == 8 + 32
     assert len(W.encode_control(ErrorMessage(ErrorCode.FAILED, "abc"))) == 8 + 4 + 3
     assert len(W.encode_packet(PacketKind.SYNC, seq=0, round=0)) == 48
     runs = ((0, 1, RunKind.DATA), (1, 127, RunKind.ZERO))
@@ -258,10 +258,11 @@ def test_complete_layout():
 
 
 def test_done_layout():
-    b = W.encode_control(Done(0x0102030405060708, DIGEST))
-    assert b[:8] == b"\x04\x00\x00\x00\x00\x00\x00\x18"
+    b = W.encode_control(Done(0x0102030405060708, DIGEST, 0x1112131415161718))
+    assert b[:8] == b"\x04\x00\x00\x00\x00\x00\x00\x20"
     assert b[8:16] == bytes.fromhex("0102030405060708")
     assert b[16:32] == DIGEST
+    assert b[32:40] == bytes.fromhex("1112131415161718")  # the last round's microseconds
 
 
 def test_error_layout():
@@ -344,12 +345,13 @@ CONTROL_MESSAGES = [
     Session(1),
     Session(W.MAX_IMAGE_SIZE, 65536, 128),  # exactly 8 MiB per packet, largest image
     Session(12345, 512, 16384),
+    Session(1 << 30, 4096, 512, W.DigestAlg.XXH3_64_PAGE_SUM, W.Compression.ZSTD),
     Ready(),
     W.Working(),
     Complete(3, 1 << 40, 1 << 50, 7, DIGEST),
     Complete(0, 0, 0, 0, bytes(16)),
     Done(SIZE, DIGEST),
-    Done((1 << 64) - 1, b"\xff" * 16),
+    Done((1 << 64) - 1, b"\xff" * 16, (1 << 64) - 1),
     *[ErrorMessage(code, f"{code.name.lower()} happened") for code in ErrorCode],
     ErrorMessage(ErrorCode.PROTOCOL, ""),
     ErrorMessage(ErrorCode.IMAGE, "disque plein: é, ü, 日本語, emoji \U0001F4BE, ∑"),
@@ -699,7 +701,7 @@ CONTROL_ERRORS = {
     "complete-47": (frame_raw(CT.COMPLETE, bytes(47)), E.RemoteProtocolError, [r"\b47 bytes"],
                     [r"expected 48\b"]),
     "done-25": (frame_raw(CT.DONE, bytes(25)), E.RemoteProtocolError, [r"\b25 bytes"],
-                [r"expected 24\b"]),
+                [r"expected 32\b"]),
     "error-3": (frame_raw(CT.ERROR, bytes(3)), E.RemoteProtocolError, [r"\b3 bytes"],
                 [r"4\.\.1028"]),
     "error-1029": (frame_raw(CT.ERROR, bytes(4) + b"x" * 1025), E.RemoteProtocolError,
@@ -726,8 +728,8 @@ CONTROL_ERRORS = {
                            [rf"1\.\.{1 << 56}\b"]),
     "digest-0": (frame_raw(CT.SESSION, session_body(digest=0)), E.RemoteProtocolError,
                  [r"algorithm 0\b"], [r"expected"]),
-    "digest-2": (frame_raw(CT.SESSION, session_body(digest=2)), E.RemoteProtocolError,
-                 [r"algorithm 2\b"], [r"expected"]),
+    "digest-3": (frame_raw(CT.SESSION, session_body(digest=3)), E.RemoteProtocolError,
+                 [r"algorithm 3\b"], [r"1 xxh3_128_block_sum, 2 xxh3_64_page_sum"]),
     "compression-3": (frame_raw(CT.SESSION, session_body(compression=3)), E.RemoteProtocolError,
                       [r"compression 3\b"], [r"expected"]),
     "session-flags": (frame_raw(CT.SESSION, session_body(flags=1)), E.RemoteProtocolError,

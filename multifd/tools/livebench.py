@@ -3,7 +3,8 @@
 Each rate runs a real `multifd-recv --discard` and `multifd-send --live` over 127.0.0.1 on
 one random image, with the bench's channels, and reports what the sender's --json says:
 rounds, whether precopy converged, the total time (sender start to exit), and the downtime
-(workload paused to the receiver's DONE). Rate 0 is a still guest, as a baseline.
+(workload paused to the receiver's DONE; and as the receiver measured it, from the start of
+its last round to its verified commit). Rate 0 is a still guest, as a baseline.
 """
 
 from __future__ import annotations
@@ -50,9 +51,11 @@ def _one(image: str, rate: float, channels: int, pattern: str, timeout: float) -
             lines = sent.stderr.strip().splitlines()
             return {"error": lines[-1] if lines else f"multifd-send exited {sent.returncode}"}
         report = json.loads(sent.stdout)
-        live = report.get("live") or {"rounds": [{}], "converged": True, "downtime": None}
+        live = report.get("live") or {"rounds": [{}], "converged": True, "downtime": None,
+                                      "receiver_downtime": None}
         return {"rounds": len(live["rounds"]), "converged": live["converged"],
-                "seconds": round(report["seconds"], 3), "downtime": live["downtime"]}
+                "seconds": round(report["seconds"], 3), "downtime": live["downtime"],
+                "receiver_downtime": live["receiver_downtime"]}
     finally:
         if recv.poll() is None:
             recv.kill()
@@ -76,13 +79,15 @@ def run(size: int, channels: int, rates: list[float], pattern: str, directory: s
 def table(result: dict) -> str:
     lines = [f"live precopy, {result['size'] >> 20} MiB image, {result['channels']} channels, "
              f"{result['pattern']} writes",
-             "| dirty rate | rounds | converged | total time | downtime |",
-             "|---|---|---|---|---|"]
+             "| dirty rate | rounds | converged | total time | downtime | receiver's downtime |",
+             "|---|---|---|---|---|---|"]
     for r in result["live"]:
         if "error" in r:
-            lines.append(f"| {r['dirty_rate'] / 1e6:.0f} MB/s | FAILED: {r['error']} | | | |")
+            lines.append(f"| {r['dirty_rate'] / 1e6:.0f} MB/s | FAILED: {r['error']} | | | | |")
             continue
-        downtime = "–" if r["downtime"] is None else f"{r['downtime'] * 1e3:.0f} ms"
+        downtime, theirs = ("–" if t is None else f"{t * 1e3:.0f} ms"
+                            for t in (r["downtime"], r["receiver_downtime"]))
         lines.append(f"| {r['dirty_rate'] / 1e6:.0f} MB/s | {r['rounds']} | "
-                     f"{'yes' if r['converged'] else 'no'} | {r['seconds']:.2f} s | {downtime} |")
+                     f"{'yes' if r['converged'] else 'no'} | {r['seconds']:.2f} s | {downtime} "
+                     f"| {theirs} |")
     return "\n".join(lines)
