@@ -4,8 +4,8 @@ Block sum (a still image, whole blocks on the wire):
     digest = (sum over blocks b of XXH3-128(content of block b, seed=b)) mod 2**128
 Page sum (live precopy, where a later round re-sends only the dirtied pages of a block):
     digest = (sum over non-zero pages p of XXH3-64(content of page p, seed=p)) mod 2**128
-(a zero page's term is 0: it costs nothing to hash; the image's short last page is hashed as
-it is). Both are 16 bytes big-endian. Each term is computed where the bytes are already hot
+(a page of zeros has the term 0: it costs nothing to hash; the image's short last page is
+hashed as it is). The sum depends on the image's content only. Both are 16 bytes big-endian. Each term is computed where the bytes are already hot
 (just read on the sender, just received on the receiver); the sum does not depend on the order
 in which channels deliver. A missing, duplicated or corrupted block or page changes the sum.
 
@@ -113,6 +113,9 @@ class PageTerms:
         seeds = chain.from_iterable(range(base + first, base + first + n)
                                     for first, n, kind in runs if kind == RunKind.DATA)
         new = array.array("Q", map(xxhash.xxh3_64_intdigest, pages, seeds))
+        if data and len(data[-1]) % p and not data[-1][-(len(data[-1]) % p):].tobytes().strip(
+                b"\0"):
+            new[-1] = 0  # the image's short last page, all zero, travels as data: still 0
         at, terms, old = 0, self.terms, 0
         for first, n, kind in runs:
             lo = base + first

@@ -126,6 +126,8 @@ class BlockSender:
         """Send blocks [first, last): whole, or (dirty: a dirty.Dirty) each block's dirty
         pages; returns payload bytes sent."""
         s = self.session
+        if dirty is not None and self.snapshot is None:
+            raise E.LocalProtocolError("dirty pages are sent only by a live sender")
         start = first * s.block_bytes
         end = min(last * s.block_bytes, s.image_size)
         with self.source.mapped(start, end - start) as (window, delta):
@@ -241,7 +243,7 @@ class BlockReceiver:
         self.seq = 0
         self.terms = terms_for(session) if terms is None else terms
         # Only page digests can check a packet that carries some of a block's pages.
-        self.partial = session.digest is wire.DigestAlg.XXH3_64_PAGE_SUM
+        self.page_digest = session.digest is wire.DigestAlg.XXH3_64_PAGE_SUM
         self.counters = Counters()
 
     def receive_round(self, round: int) -> wire.PacketHeader:
@@ -255,7 +257,7 @@ class BlockReceiver:
             runs = self._runs(h)
             block = h.offset // self.session.block_bytes
             length = self.session.block_len(block)
-            if self.partial:
+            if self.page_digest:
                 zero = self._receive_pages(h, runs, block, length)
             else:
                 zero = self._payload(h, runs)
@@ -273,11 +275,11 @@ class BlockReceiver:
             raise E.RemoteProtocolError(f"packet {h.seq} is for round {h.round} "
                                         f"(expected round {round})")
         if h.kind is PacketKind.PAGES and h.flags != _FULL and not (
-                h.flags == wire.FLAG_DIGEST and self.partial and round):
+                h.flags == wire.FLAG_DIGEST and self.page_digest and round):
             raise E.RemoteProtocolError(
                 f"packet {h.seq}: flags 0x{h.flags:02x} (expected whole blocks with digests, "
                 f"0x{_FULL:02x}" + (", or after round 0 some pages of one with its digest, "
-                                    f"0x{wire.FLAG_DIGEST:02x})" if self.partial else ")"))
+                                    f"0x{wire.FLAG_DIGEST:02x})" if self.page_digest else ")"))
         self.seq += 1
         return h
 

@@ -93,6 +93,19 @@ class RoundBarrier:
     def released(self, round: int) -> bool:
         return round in self._released and self._released[round].is_set()
 
+    async def wait_released(self, round: int) -> None:
+        await self._released.setdefault(round, trio.Event()).wait()
+
+
+async def _write_back(barrier: RoundBarrier, output: OutputFile) -> None:
+    """Flush each finished round to disk while the next one arrives, so that the sync
+    before the commit (inside a live migration's downtime) has only the last round left."""
+    round = 0
+    while True:
+        await barrier.wait_released(round)
+        await trio.to_thread.run_sync(output.sync)
+        round += 1
+
 
 async def _receive_channel(receiver: BlockReceiver, barrier: RoundBarrier) -> int:
     """Run one data channel to its END; return the number of rounds it carried."""
@@ -136,8 +149,9 @@ async def _receive_rounds(ctl: Conn, receivers: list[BlockReceiver],
     return rounds, heard.message or await control.receive(ctl, Stage.FINISH, wire.Complete)
 
 
-async def _sync(ctl: Conn, output: OutputFile) -> None:
-    """fsync the output, telling the sender every KEEPALIVE seconds that we are still at it.
+async def _sync(ctl: Conn, output: OutputFile, write_back: trio.CancelScope) -> None:
+    """fsync the output, telling the sender every KEEPALIVE seconds that we are still at it
+    (the write-back's fsync, told to stop, may still be finishing: this one waits for it).
 
     The keepalive task is never cancelled in the middle of a send (that would shut the
     control channel down before DONE): it is told to stop and finishes its current send.
@@ -154,6 +168,7 @@ async def _sync(ctl: Conn, output: OutputFile) -> None:
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(keepalive)
+        write_back.cancel()
         try:
             await trio.to_thread.run_sync(output.sync)
         finally:
@@ -196,12 +211,16 @@ async def _migrate(registry: Registry, session: wire.Session | None, output_path
         receivers = [BlockReceiver(registry.data[i], session, output, arrivals, channel=i,
                                    terms=terms) for i in range(registry.channels)]
         await control.send(ctl, Stage.SETUP, wire.Ready())
-        async with reporting_progress(on_progress, receivers, session.image_size):
-            rounds, complete = await _receive_rounds(ctl, receivers, barrier)
-        total, counters = _verify(session, complete, receivers, arrivals, rounds)
-        side.faults.phase(Phase.COMPLETION)
-        if output is not None:
-            await _sync(ctl, output)
+        async with trio.open_nursery() as background:
+            if output is not None and session.digest is wire.DigestAlg.XXH3_64_PAGE_SUM:  # live
+                background.start_soon(_write_back, barrier, output)
+            async with reporting_progress(on_progress, receivers, session.image_size):
+                rounds, complete = await _receive_rounds(ctl, receivers, barrier)
+            total, counters = _verify(session, complete, receivers, arrivals, rounds)
+            side.faults.phase(Phase.COMPLETION)
+            if output is not None:
+                await _sync(ctl, output, background.cancel_scope)
+            background.cancel_scope.cancel()
         # The point of no return: once the output is renamed into place the sender must hear
         # DONE, so a cancellation arriving now waits for both (each is bounded).
         with trio.CancelScope(shield=True):

@@ -47,6 +47,8 @@ class Report:
         data = asdict(self)
         data["throughput"] = round(self.throughput)
         data["seconds"] = round(self.seconds, 6)
+        data["compression_ratio"] = round(self.payload_bytes / self.wire_payload_bytes, 3) \
+            if self.wire_payload_bytes else None
         return json.dumps(data, sort_keys=True)
 
     def human(self) -> str:

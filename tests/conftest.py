@@ -64,7 +64,7 @@ async def trio_wait_until(predicate, timeout: float, what: str | None = None,
         await trio.sleep(interval)
 
 
-class _Lines:
+class Lines:
     """The lines of a child's text pipe, read by a thread as they come, so that a test can
     wait for one (and the child never blocks on a full pipe)."""
 
@@ -119,8 +119,8 @@ class Receiver:
     proc: subprocess.Popen
     host: str
     port: int
-    _out: _Lines
-    _err: _Lines
+    _out: Lines
+    _err: Lines
 
     @property
     def address(self) -> str:
@@ -186,7 +186,7 @@ class Receiver:
 def start_receiver(*args: str, listen: str = "127.0.0.1:0") -> Receiver:
     proc = subprocess.Popen([*cli("recv"), "--listen", listen, "--quiet", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    recv = Receiver(proc, "", 0, _Lines(proc.stdout), _Lines(proc.stderr))
+    recv = Receiver(proc, "", 0, Lines(proc.stdout), Lines(proc.stderr))
     _started.append(recv)
     try:
         line = recv.wait_for_stderr(_LISTENING.pattern)[0]
@@ -198,15 +198,16 @@ def start_receiver(*args: str, listen: str = "127.0.0.1:0") -> Receiver:
     return recv
 
 
-def run_sender(*args: str, timeout: float = PROC_TIMEOUT) -> subprocess.CompletedProcess:
-    return subprocess.run([*cli("send"), "--quiet", *args], capture_output=True, text=True,
-                          timeout=timeout)
+def run_sender(*args: str, timeout: float = PROC_TIMEOUT,
+               quiet: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([*cli("send"), *(["--quiet"] if quiet else []), *args],
+                          capture_output=True, text=True, timeout=timeout)
 
 
-def start_sender(*args: str) -> subprocess.Popen:
+def start_sender(*args: str, quiet: bool = True) -> subprocess.Popen:
     """A sender running in the background (stdout and stderr piped: use communicate())."""
-    proc = subprocess.Popen([*cli("send"), "--quiet", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*cli("send"), *(["--quiet"] if quiet else []), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _started.append(proc)
     return proc
 

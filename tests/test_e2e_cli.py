@@ -145,6 +145,8 @@ def test_compressed_packets_arrive_identical(make_image, tmp_path, method):
     assert sent["wire_payload_bytes"] == received["wire_payload_bytes"] <= sent["payload_bytes"]
     if method.startswith("zstd"):
         assert sent["wire_payload_bytes"] < sent["payload_bytes"]
+    assert sent["compression_ratio"] == received["compression_ratio"] == round(
+        sent["payload_bytes"] / sent["wire_payload_bytes"], 3)
 
 
 def test_a_corrupt_compressed_payload_names_channel_and_packet(make_image, tmp_path):
