@@ -5,7 +5,8 @@ Block sum (a still image, whole blocks on the wire):
 Page sum (live precopy, where a later round re-sends only the dirtied pages of a block):
     digest = (sum over non-zero pages p of XXH3-64(content of page p, seed=p)) mod 2**128
 (a page of zeros has the term 0: it costs nothing to hash; the image's short last page is
-hashed as it is). The sum depends on the image's content only. Both are 16 bytes big-endian. Each term is computed where the bytes are already hot
+hashed as it is). The sum depends on the image's content only, as long as the sender classifies pages by
+content, as ours does: the receiver takes a page sent as data as data. Both are 16 bytes big-endian. Each term is computed where the bytes are already hot
 (just read on the sender, just received on the receiver); the sum does not depend on the order
 in which channels deliver. A missing, duplicated or corrupted block or page changes the sum.
 
@@ -96,7 +97,7 @@ class PageTerms:
     __slots__ = ("terms", "block_sums", "page_size", "block_pages", "name", "_zeros")
 
     def __init__(self, npages: int, page_size: int, block_pages: int) -> None:
-        self.terms = array.array("Q", bytes(8 * npages))
+        self.terms = array.array("Q", [0]) * npages  # (no zero bytes object beside it)
         # Each block's sum of terms, kept as they change: the digest at the end (inside a
         # live migration's downtime) adds a few hundred numbers, not every page's.
         self.block_sums = [0] * -(-npages // block_pages)

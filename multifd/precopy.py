@@ -118,6 +118,11 @@ async def run(send_round, workload, counters, page_size: int, live: Live,
             await trio.to_thread.run_sync(workload.throttle, throttle)
         if round + 1 >= live.max_rounds:
             rate = out.rounds[-1].dirty_rate
+            if round == 1:  # no round of dirty pages ran: convergence was never judged
+                out.why = (f"did not converge in {live.max_rounds} rounds: convergence is "
+                           f"judged on a round of dirty pages (round 1 or later), and "
+                           f"--max-rounds 2 leaves none (use 3 or more)")
+                break
             out.why = (f"did not converge in {live.max_rounds} rounds: the guest dirtied "
                        f"{rate / 1e6:.0f} MB/s of pages while the link drained "
                        f"{bandwidth / 1e6:.0f} MB/s (lower --dirty-rate, raise "

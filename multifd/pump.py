@@ -67,6 +67,9 @@ class LastRoundWins:
         self._last = array.array("l", [-1]) * nblocks
 
     def arrived(self, block: int, round: int) -> None:
+        if self._last[block] == -1 and round:
+            raise E.RemoteProtocolError(f"block {block} first came in round {round} (round 0 "
+                                        f"sends every block)")
         if self._last[block] == round:
             raise E.RemoteProtocolError(f"block {block} came twice in round {round}")
         if self._last[block] > round:

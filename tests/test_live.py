@@ -83,7 +83,9 @@ def test_a_sender_crash_in_a_later_round_leaves_nothing(make_image, tmp_path):
                       "--max-rounds", "4", "--packet-pages", "64", "--fault", "crash:round=1")
     code, _, stderr = recv.finish()
     assert sent.returncode == 99, sent.stderr
-    assert code == 1 and "data channel" in stderr.strip().splitlines()[-1], stderr
+    # Whichever of its channels saw the sender's end first says so.
+    last = stderr.strip().splitlines()[-1]
+    assert code == 1 and ("data channel" in last or "control channel" in last), stderr
     assert list((tmp_path / "out").iterdir()) == []
 
 
@@ -139,8 +141,8 @@ def test_a_slow_channel_cannot_put_an_old_copy_over_a_new_one(make_image, tmp_pa
     code, stderr, sent, out, final = _stale_page_run(image, tmp_path / "none")
     assert code == 1 or out.read_bytes() != final.read_bytes(), \
         "without the round barrier the run still ended exact: the test cannot fail"
-    if code == 1:
-        assert "after its copy of round" in stderr, stderr
+    if code == 1:  # a later copy came first: before the old one, or before round 0's
+        assert "after its copy of round" in stderr or "first came in round" in stderr, stderr
 
 
 @pytest.mark.timeout(90)

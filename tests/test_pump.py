@@ -173,6 +173,13 @@ def test_every_block_must_come_in_round_0():
     arrivals.check()
 
 
+def test_a_block_first_seen_after_round_0_is_refused_at_once():
+    arrivals = LastRoundWins(4)
+    with pytest.raises(E.RemoteProtocolError, match=r"^block 3 first came in round 1 \(round 0 "
+                                                    r"sends every block\)$"):
+        arrivals.arrived(3, 1)
+
+
 def test_a_block_twice_in_one_round_or_back_in_time_is_refused_at_once():
     arrivals = LastRoundWins(4)
     arrivals.arrived(1, 0)
