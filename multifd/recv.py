@@ -93,37 +93,6 @@ class RoundBarrier:
     def released(self, round: int) -> bool:
         return round in self._released and self._released[round].is_set()
 
-    async def wait_released(self, round: int) -> None:
-        await self._released.setdefault(round, trio.Event()).wait()
-
-
-class WriteBack:
-    """Flushes each finished round to disk while the next one arrives, so that the sync
-    before the commit (inside a live migration's downtime) has only the last round left.
-
-    Its task runs in its own cancel scope: stop() ends it and waits for an fsync in flight
-    (which cannot be interrupted), so that the caller can keep the sender informed meanwhile.
-    """
-
-    def __init__(self) -> None:
-        self._scope = trio.CancelScope()
-        self._stopped = trio.Event()
-
-    async def run(self, barrier: RoundBarrier, output: OutputFile) -> None:
-        try:
-            with self._scope:
-                round = 0
-                while True:
-                    await barrier.wait_released(round)
-                    await trio.to_thread.run_sync(output.sync)
-                    round += 1
-        finally:
-            self._stopped.set()
-
-    async def stop(self) -> None:
-        self._scope.cancel()
-        await self._stopped.wait()
-
 
 async def _receive_channel(receiver: BlockReceiver, barrier: RoundBarrier) -> int:
     """Run one data channel to its END; return the number of rounds it carried."""
@@ -167,9 +136,8 @@ async def _receive_rounds(ctl: Conn, receivers: list[BlockReceiver],
     return rounds, heard.message or await control.receive(ctl, Stage.FINISH, wire.Complete)
 
 
-async def _sync(ctl: Conn, output: OutputFile, write_back: WriteBack | None) -> None:
-    """fsync the output, telling the sender every KEEPALIVE seconds that we are still at it
-    (also while the write-back, told to stop, finishes an fsync in flight).
+async def _sync(ctl: Conn, output: OutputFile) -> None:
+    """fsync the output, telling the sender every KEEPALIVE seconds that we are still at it.
 
     The keepalive task is never cancelled in the middle of a send (that would shut the
     control channel down before DONE): it is told to stop and finishes its current send.
@@ -187,8 +155,6 @@ async def _sync(ctl: Conn, output: OutputFile, write_back: WriteBack | None) -> 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(keepalive)
         try:
-            if write_back is not None:
-                await write_back.stop()
             await trio.to_thread.run_sync(output.sync)
         finally:
             committed.set()
@@ -230,17 +196,12 @@ async def _migrate(registry: Registry, session: wire.Session | None, output_path
         receivers = [BlockReceiver(registry.data[i], session, output, arrivals, channel=i,
                                    terms=terms) for i in range(registry.channels)]
         await control.send(ctl, Stage.SETUP, wire.Ready())
-        live = output is not None and session.digest is wire.DigestAlg.XXH3_64_PAGE_SUM
-        write_back = WriteBack() if live else None  # rounds to come: flush each as it ends
-        async with trio.open_nursery() as background:
-            if write_back is not None:
-                background.start_soon(write_back.run, barrier, output)
-            async with reporting_progress(on_progress, receivers, session.image_size):
-                rounds, complete = await _receive_rounds(ctl, receivers, barrier)
-            total, counters = _verify(session, complete, receivers, arrivals, rounds)
-            side.faults.phase(Phase.COMPLETION)
-            if output is not None:
-                await _sync(ctl, output, write_back)
+        async with reporting_progress(on_progress, receivers, session.image_size):
+            rounds, complete = await _receive_rounds(ctl, receivers, barrier)
+        total, counters = _verify(session, complete, receivers, arrivals, rounds)
+        side.faults.phase(Phase.COMPLETION)
+        if output is not None:
+            await _sync(ctl, output)
         # The point of no return: once the output is renamed into place the sender must hear
         # DONE, so a cancellation arriving now waits for both (each is bounded).
         with trio.CancelScope(shield=True):
