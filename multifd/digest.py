@@ -1,14 +1,16 @@
 """The end-to-end image digest, in one of the session's two schemes (wire.DigestAlg).
 
 Block sum (a still image, whole blocks on the wire):
-    digest = (sum over blocks b of XXH3-128(content of block b, seed=b)) mod 2**128
+    digest = (sum over non-zero blocks b of XXH3-128(content of block b, seed=b)) mod 2**128
 Page sum (live precopy, where a later round re-sends only the dirtied pages of a block):
     digest = (sum over non-zero pages p of XXH3-64(content of page p, seed=p)) mod 2**128
-(a page of zeros has the term 0: it costs nothing to hash; the image's short last page is
-hashed as it is). The sum depends on the image's content only, as long as the sender classifies pages by
-content, as ours does: the receiver takes a page sent as data as data. Both are 16 bytes big-endian. Each term is computed where the bytes are already hot
-(just read on the sender, just received on the receiver); the sum does not depend on the order
-in which channels deliver. A missing, duplicated or corrupted block or page changes the sum.
+(a block or page of zeros has the term 0: it costs nothing to hash, nor to read where the
+image has a hole; the image's short last page is hashed as it is). The sum depends on the
+image's content only, as long as the sender classifies pages by content, as ours does: the
+receiver takes what comes as data as data. Both are 16 bytes big-endian. Each term is
+computed where the bytes are already hot (just read on the sender, just received on the
+receiver); the sum does not depend on the order in which channels deliver. A missing,
+duplicated or corrupted block or page changes the sum.
 
 Each side keeps a table of the last term of every block (BlockTerms) or page (PageTerms, 8
 bytes a page: 2 MiB for 1 GiB of 4 KiB pages): a block or page sent again replaces its term,
@@ -62,7 +64,8 @@ def image_digest(blocks) -> bytes:
     """Digest of an iterable of (block index, bytes): the reference for tests and tools."""
     total = DigestSum()
     for b, data in blocks:
-        total.add(block_term(data, b))
+        if bytes(data).strip(b"\0"):  # a block of zeros adds 0
+            total.add(block_term(data, b))
     return total.digest()
 
 
@@ -78,9 +81,9 @@ class BlockTerms:
         self.name = "xxh3-128-sum"
 
     def take(self, view, block: int) -> int:
-        """The term of the whole block in `view`, kept as the block's; returns it (the
-        packet's digest)."""
-        term = self.terms[block] = block_term(view, block)
+        """The term of the whole block in `view` (None: a block of zeros, whose term is 0),
+        kept as the block's; returns it (the packet's digest)."""
+        term = self.terms[block] = 0 if view is None else block_term(view, block)
         return term
 
     def sum(self) -> DigestSum:

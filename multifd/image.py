@@ -75,6 +75,15 @@ class SourceImage:
         finally:
             window.close()
 
+    def next_data(self, offset: int) -> int:
+        """Where the first byte at or after `offset` that is not in a hole is (the size when
+        none is): the blocks before it are zero and need not be read. Where the file system
+        cannot tell, `offset` itself (everything is data)."""
+        try:
+            return os.lseek(self.fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            return self.size if exc.errno == errno.ENXIO else offset
+
     def close(self) -> None:
         os.close(self.fd)
 

@@ -136,17 +136,24 @@ class BlockSender:
         with self.source.mapped(start, end - start) as (window, delta):
             with memoryview(window) as view:
                 if dirty is None:
-                    return sum(self._send_block(view, delta + b * s.block_bytes - start, b,
-                                                round, None) for b in range(first, last))
+                    data = self.source.next_data(start)  # the first byte not in a hole
+                    sent = 0
+                    for b in range(first, last):
+                        if data < b * s.block_bytes:
+                            data = self.source.next_data(b * s.block_bytes)
+                        hole = data >= b * s.block_bytes + s.block_len(b)
+                        sent += self._send_block(view, delta + b * s.block_bytes - start, b,
+                                                 round, None, hole)
+                    return sent
                 # A batch of dirty pages may reach across clean blocks: they send nothing.
                 return sum(self._send_block(view, delta + b * s.block_bytes - start, b, round,
                                             ranges)
                            for b in range(first, last) if (ranges := dirty.ranges(b)) != ())
 
     def _send_block(self, view: memoryview, at: int, block: int, round: int,
-                    ranges: tuple[tuple[int, int], ...] | None) -> int:
+                    ranges: tuple[tuple[int, int], ...] | None, hole: bool = False) -> int:
         """One packet: the block's pages in `ranges` ((first page, pages) runs), or all of
-        them (None)."""
+        them (None); `hole`: the block lies in a hole of a still image (all zero, unread)."""
         s = self.session
         page = s.page_size
         length = s.block_len(block)
@@ -156,10 +163,13 @@ class BlockSender:
         else:
             flags = wire.FLAG_DIGEST
         if self.snapshot is None:  # a still image: whole blocks, read in place
-            runs, zero = self.scanner.runs(view, at, length)
-            data = [view[at + f * page:at + min((f + n) * page, length)]
-                    for f, n, kind in runs if kind == RunKind.DATA]
             npages, carried = ranges[0][1], length
+            if hole:  # nothing to read
+                runs, zero, data = ((0, npages, RunKind.ZERO),), npages, []
+            else:
+                runs, zero = self.scanner.runs(view, at, length)
+                data = [view[at + f * page:at + min((f + n) * page, length)]
+                        for f, n, kind in runs if kind == RunKind.DATA]
         else:
             # A live source writes while we read: scan, hash and send one copy of the pages
             # (packed range after range), or what is sent could differ from its term.
@@ -177,7 +187,7 @@ class BlockSender:
         if self.page_digest:
             term = self.terms.take(data, block, runs)
         else:
-            term = self.terms.take(view[at:at + length], block)
+            term = self.terms.take(view[at:at + length] if data else None, block)
         parts = [b"", *data]  # the header, once the payload is known; the data pages
         data_bytes = (npages - zero) * page
         if carried < npages * page and data:  # the image's short last page travels padded
@@ -264,7 +274,9 @@ class BlockReceiver:
                 zero = self._receive_pages(h, runs, block, length)
             else:
                 zero = self._payload(h, runs)
-                self._check(h, self.terms.take(self.view[:length], block))
+                whole_zero = len(runs) == 1 and runs[0][2] == RunKind.ZERO
+                self._check(h, self.terms.take(None if whole_zero else self.view[:length],
+                                               block))
                 self.arrivals.arrived(block, round)
                 self._write(h, runs, length)
             self._count(h, runs, length, zero)
@@ -319,6 +331,8 @@ class BlockReceiver:
     def _payload(self, h: wire.PacketHeader, runs) -> int:
         """The block's bytes into the buffer, run by run; returns its zero pages."""
         page = self.session.page_size
+        if len(runs) == 1 and runs[0][2] == RunKind.ZERO:
+            return runs[0][1]  # a block of zeros: its term is 0, nothing to fill or hash
         data = self._unpacked(h, runs)
         zero, at = 0, 0
         for start, n, kind in runs:
@@ -358,8 +372,9 @@ class BlockReceiver:
             # Zero runs of round 0 stay holes; in a later round the page may hold data of an
             # earlier one, and its zeros must be written.
             if kind == RunKind.DATA or h.round:
-                lo = start * page
-                self.output.write(self.view[lo:min((start + n) * page, length)], h.offset + lo)
+                lo, hi = start * page, min((start + n) * page, length)
+                source = self.view if kind == RunKind.DATA else self.zeros
+                self.output.write(source[lo:hi], h.offset + lo)
 
     def _count(self, h: wire.PacketHeader, runs, length: int, zero: int) -> None:
         page = self.session.page_size

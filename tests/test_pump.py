@@ -318,3 +318,58 @@ async def test_a_packet_out_of_order_is_a_protocol_error(image, links):
             with pytest.raises(E.RemoteProtocolError,
                                match=r"packet number 2 \(expected 1\)$"):
                 await rx.run(Stage.DATA, receiver.receive_round, 0)
+
+
+async def test_a_block_of_zeros_has_term_0_on_both_sides(image, links):
+    # Block 1 is all zero pages: nothing is hashed for it, nor filled on the receiver.
+    session = image.session
+    tx, rx = links()
+    with SourceImage(image.path) as source:
+        sender = BlockSender(tx, source, session)
+        receiver = BlockReceiver(rx, session, None, LastRoundWins(session.nblocks))
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_send, sender, [(0, session.nblocks)])
+                nursery.start_soon(_receive, receiver, [])
+    assert sender.terms.terms[1] == receiver.terms.terms[1] == 0
+    assert all(sender.terms.terms[b] for b in range(session.nblocks) if b != 1)
+    assert sender.terms.terms == receiver.terms.terms
+    blocks = [(b, image.data[b * session.block_bytes:(b + 1) * session.block_bytes])
+              for b in range(session.nblocks)]
+    assert totals([sender])[0].digest() == image_digest(blocks)
+
+
+class _AllHoles(SourceImage):
+    """A source whose file system says it is one hole: its blocks must go as zero, unread."""
+
+    def next_data(self, offset: int) -> int:
+        return self.size
+
+
+async def test_blocks_in_a_hole_go_as_zero_without_being_read(image, links, tmp_path):
+    session = image.session
+    tx, rx = links()
+    out = tmp_path / "out.img"
+    with _AllHoles(image.path) as source, OutputFile(str(out), session.image_size) as output:
+        sender = BlockSender(tx, source, session)
+        receiver = BlockReceiver(rx, session, output, LastRoundWins(session.nblocks))
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_send, sender, [(0, session.nblocks)])
+                nursery.start_soon(_receive, receiver, [])
+        output.publish()
+    # The file holds data, but what a hole holds is zero: so was what went.
+    assert _read(out) == bytes(len(image.data))
+    assert sender.counters.zero_pages == image.npages and sender.counters.payload_bytes == 0
+    assert totals([sender])[0].digest() == totals([receiver])[0].digest() == bytes(16)
+
+
+def test_next_data_finds_the_holes_of_a_sparse_file(tmp_path):
+    path = tmp_path / "sparse.img"
+    with open(path, "wb") as f:
+        f.truncate(64 << 20)
+        f.seek(40 << 20)
+        f.write(b"x" * PAGE)
+    with SourceImage(str(path)) as source:  # (ext4 and tmpfs know their holes to the page)
+        assert source.next_data(0) == source.next_data(40 << 20) == 40 << 20
+        assert source.next_data((40 << 20) + PAGE) == 64 << 20  # no data after it
