@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	  rm -rf $(VENV); apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null && \
 	  $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,plot]'
 	@touch $@
 
 venv: $(STAMP)
@@ -33,7 +33,7 @@ demo: venv certs
 	$(PY) -m multifd.tools.demo --tls certs
 
 # Two workers: most of the suite waits on timeouts and peers, not on the CPU.
-test: venv qemu
+test: venv qemu iperf3
 	$(PY) -m pytest -q -n 2
 
 # The wire decoders on hostile bytes, far longer than in make test (new inputs every run).
@@ -54,9 +54,15 @@ qemu:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	  qemu-system-x86 >/dev/null; }
 
-# Loopback throughput against a raw TCP copier and iperf3, measured in the same run.
-bench: venv iperf3
-	$(VENV)/bin/multifd-bench --size 1G --channels 4 --repeat 3
+# The standard matrix, with QEMU and live precopy beside it: the table, its JSON and plots in
+# bench-results/ (about 25 minutes on a 2-core machine).
+BENCH_ARGS ?= --size 1G --channels 1,4,8 --tls off,on --image random,mixed,zero \
+  --mode file,discard --repeat 3 --qemu --live-rates 0,100MB/s,400MB/s
+bench: venv iperf3 qemu
+	mkdir -p bench-results
+	$(VENV)/bin/multifd-bench $(BENCH_ARGS) --json bench-results/bench.json \
+	  --plot bench-results/bench.png > bench-results/bench.md
+	cat bench-results/bench.md
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis bench-results

@@ -151,10 +151,12 @@ def test_the_bench_live_sweep_reports_each_rate(tmp_path):
     import sys
     result = subprocess.run([sys.executable, "-m", "multifd.tools.bench", "--size", "8M",
                              "--channels", "2", "--live-rates", "0,5MB/s", "--live-pattern",
-                             "hot:5%", "--dir", str(tmp_path), "--json"],
+                             "hot:5%", "--dir", str(tmp_path), "--no-matrix", "--json"],
                             capture_output=True, text=True, timeout=80)
     assert result.returncode == 0, result.stderr
-    rows = json.loads(result.stdout)["live"]
+    [sweep] = json.loads(result.stdout)["live"]
+    assert sweep["channels"] == 2 and sweep["pattern"] == "hot:5%"
+    rows = sweep["live"]
     assert [r["dirty_rate"] for r in rows] == [0, 5e6]
     assert rows[0]["rounds"] == 1 and rows[0]["downtime"] is None
     assert rows[1]["rounds"] >= 2 and rows[1]["downtime"] > 0

@@ -1,516 +1,462 @@
-"""multifd-bench [--size 1G] [--channels 4] [--dir /dev/shm] [--repeat 1] [--cases LIST]
-[--json] ...
+"""multifd-bench: multifd against what the machine can do, over a matrix of configurations.
 
-How fast is multifd compared with what the machine can do? Each case moves one random image
-over loopback TCP and is timed as the whole sender process, from spawn to exit, so startup,
-handshake and the final verification count, as they do for a user:
+    multifd-bench --size 1GiB --channels 1,2,4,8,16 --tls off,on --image random,mixed,zero \\
+        --mode file,discard --repeat 3 --json r.json --plot r.png [--qemu] [--live-rates ...]
 
-  raw-newfile          multifd.tools.rawcopy (the least code that does the job) into a new file
-  multifd-newfile      multifd-send -> multifd-recv OUTPUT, output compared byte for byte
-  multifd-tls-newfile  the same with --tls on both sides: mutual TLS 1.3 on every channel
-  raw-tls-newfile      multifd.tools.rawcopy --tls (stdlib ssl, mutual TLS 1.3) into a new file
-  iperf3               iperf3 -P N -n SIZE: what loopback TCP itself gives, no file at all
-  multifd-discard      multifd-send -> multifd-recv --discard
-  multifd-tls-discard  the same with --tls on both sides
-  raw-tls-discard      multifd.tools.rawcopy --tls (stdlib ssl, mutual TLS 1.3), no output file
-  raw-discard          multifd.tools.rawcopy with no output file
+Every point of the matrix (channels x TLS x image x mode) runs a real `multifd-recv` and
+`multifd-send` on 127.0.0.1 (case `multifd`), and beside it the minimal copier shipped here
+(case `copier`: multifd.tools.rawcopy, threads and sockets, the same XXH3 digest work, the same
+TLS); each channel count also runs `iperf3 -P N -l 512K` (raw TCP, plain). Each run is timed
+as the whole sender process from spawn to exit (start-up, handshakes and the final
+verification count, as they do for a user), with the CPU seconds (wait4) and the peak
+anonymous memory (RssAnon) of each process. Repeats interleave the runs, the order reversed
+every other repeat (what ran just before a run changes its timing on a noisy machine), and
+every figure is the median of its repeats. GB/s is decimal (1e9 bytes a second) of image
+bytes. Into a file, the output is compared with the image byte for byte after each run.
 
-and reported with the CPU seconds per GiB of each process (from wait4). The goals:
-multifd-newfile reaches 0.80 of raw-newfile, multifd-discard 0.50 of iperf3, and with TLS
-multifd-tls-discard moves at least 1.0 GB/s and multifd-tls-newfile 0.7 GB/s (GB = 1e9
-bytes, over the whole sender run like every figure here). What TLS costs is shown as the
-ratios tls/plain for discard and new file, and multifd's TLS against the least Python code
-that does TLS as the ratios multifd-tls-newfile/raw-tls-newfile and
-multifd-tls-discard/raw-tls-discard, all with no goal. The TLS cases (multifd's and
-rawcopy's) use a CA, server (127.0.0.1) and client certificate made once per bench run in a
-private temporary directory (certs.generate), which is removed at the end, also when the
-bench fails, is interrupted or gets SIGTERM (which, like ^C, first kills the processes under
-test).
+Each figure is also given as a ratio to its baselines from the same run: multifd/copier for
+the same point, multifd/iperf3 for the same channel count, and for the mixed and zero images
+the rate against the random image at the same point. The goals (GOALS below) are judged on
+those ratios, never on figures from another run.
 
---cases runs only the listed cases (comma-separated, in the order above); a ratio or goal
-whose cases did not run shows as n/a, and a case not selected counts as skipped, not failed.
+--qemu adds, for every channel count and TLS setting, a real QEMU 7.2 source (a paused guest
+of --size RAM with a random image of half its RAM loaded) migrating with multifd into a QEMU
+destination (default memory, and -mem-prealloc) and into `multifd-recv --qemu`, timed by
+QEMU's own total-time (multifd.tools.qemubench); it is compared with multifd's mixed image
+(half zero pages) into a file. --live-rates adds the live precopy sweep
+(multifd.tools.livebench) for each channel count.
 
-On this kind of VM memory freed by the guest goes back to the host, and the first write into
-such memory is several times slower; a run into a new file would then measure what ran before
-it (raw-newfile, 1 GiB: 2.4 s unprimed, 1.2 s primed). Before each new-file run we therefore
-write and delete a file of the image's size (prime).
+Images are generated once and cached (--cache, default ~/.cache/multifd-bench; the zero image
+is sparse), read once before the first timed run; outputs go to --dir (default /dev/shm).
+Temporary files and credentials are removed on every way out (error, ^C, SIGTERM, which first
+end the processes under test). On this kind of VM memory freed by the guest goes back to the
+host and its first write is several times slower, so a run into a new file is preceded by
+writing and deleting a file of the image's size (prime).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import importlib.util
 import json
 import os
-import re
-import select
 import shutil
 import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
-import time
+from dataclasses import asdict, dataclass
 
 from .. import args as cliargs
 from .. import units, wire
 from ..errors import UsageError
 from . import certs
-from .mkimage import write_image
+from .benchproc import BenchError, pair, stderr_port, tcp_listening, tool, unlink
+from .mkimage import KINDS, write_image
 
 PROG = "multifd-bench"
-# Each TLS case sits beside its plain one or the TLS case it is compared with: the order
-# alternates between repeats, and a case's timing depends on what ran just before it.
-CASES = ("raw-newfile", "multifd-newfile", "multifd-tls-newfile", "raw-tls-newfile", "iperf3",
-         "multifd-discard", "multifd-tls-discard", "raw-tls-discard", "raw-discard")
-TLS_CASES = ("multifd-tls-newfile", "raw-tls-newfile", "multifd-tls-discard", "raw-tls-discard")
-# (case, reference case, least ratio of their GB/s)
-GOALS = (("multifd-newfile", "raw-newfile", 0.80), ("multifd-discard", "iperf3", 0.50))
-# (case, least GB/s)
-RATE_GOALS = (("multifd-tls-newfile", 0.7), ("multifd-tls-discard", 1.0))
-# (label, case, reference case): informational ratios, no goal
-TLS_RATIOS = (("tls/plain newfile", "multifd-tls-newfile", "multifd-newfile"),
-              ("tls/plain discard", "multifd-tls-discard", "multifd-discard"),
-              ("multifd-tls-newfile/raw-tls-newfile", "multifd-tls-newfile", "raw-tls-newfile"),
-              ("multifd-tls-discard/raw-tls-discard", "multifd-tls-discard", "raw-tls-discard"))
+MODES = ("file", "discard")
+CASES = ("multifd", "copier")
 GIB = 1 << 30
-NAME_WIDTH = 35  # of the ratio and goal names in the table: the longest one fits
-LISTENING = re.compile(r"listening on (\S+):(\d+)")
+MIB = 1 << 20
+# (name, what it judges, least value): the issue's targets, judged per point in one run.
+GOALS = (
+    ("zero image into a file", "multifd GB/s, zero image, file", 3.0),
+    ("mixed / random", "multifd image-bytes rate, mixed over random, same point", 1.8),
+    ("multifd / copier, random, discard", "multifd over the copier, same digest work", 0.95),
+    ("multifd / copier, random, file", "multifd over the copier writing a new file", 0.85),
+    ("multifd / QEMU dst, file", "multifd (mixed, file) over QEMU's default destination", 1.0),
+    ("multifd / QEMU dst, TLS", "multifd (mixed, file, TLS) over QEMU's TLS destination", 1.3),
+)
+MEMORY_GOAL = 100 * MIB  # peak RssAnon of each multifd process
 
 
-class BenchError(Exception):
-    pass
+@dataclass(frozen=True, order=True)
+class Point:
+    channels: int
+    tls: bool
+    image: str
+    mode: str
+
+    def label(self) -> str:
+        return f"{self.image} {self.mode} N={self.channels}{' TLS' if self.tls else ''}"
 
 
-class Child:
-    """A process whose output goes to unlinked temp files, so no pipe can fill up and stall
-    it, and which we reap ourselves with wait4 to get its own rusage."""
+def _list(kind, choices=None):
+    """An argparse type: a comma-separated list of `kind`, each among `choices`."""
+    def parse(text: str) -> list:
+        items = [kind(t.strip()) for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("empty list")
+        bad = [i for i in items if choices is not None and i not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"{', '.join(map(str, bad))} not in "
+                                             f"{', '.join(map(str, choices))}")
+        return list(dict.fromkeys(items))
+    return parse
 
-    def __init__(self, label: str, argv: list[str]) -> None:
-        self.label = label
-        self.out = tempfile.TemporaryFile()
-        self.err = tempfile.TemporaryFile()
-        self.start = time.perf_counter()
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.out,
-                                     stderr=self.err)
-        self.pidfd = os.pidfd_open(self.proc.pid)
-        self.seconds = self.cpu = None
 
-    def exited(self, timeout: float) -> bool:
-        return bool(select.select([self.pidfd], [], [], timeout)[0])
+def _onoff(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"{text!r}: on or off")
+    return text == "on"
 
-    def _reap(self) -> None:
-        _, status, usage = os.wait4(self.proc.pid, 0)
-        self.seconds = time.perf_counter() - self.start
-        self.cpu = usage.ru_utime + usage.ru_stime
-        self.proc.returncode = os.waitstatus_to_exitcode(status)
 
-    def wait(self, timeout: float) -> None:
-        """Reap within `timeout` and require exit 0."""
-        if self.proc.returncode is None:
-            if not self.exited(timeout):
-                self.kill()
-                raise BenchError(f"{self.label} did not finish within {timeout:g} s")
-            self._reap()
-        if self.proc.returncode != 0:
-            raise BenchError(f"{self.label} exited {self.proc.returncode}: {self.tail()}")
-
-    def kill(self) -> None:
-        if self.proc.returncode is None:
-            self.proc.kill()
-            self._reap()
-
-    def text(self, stream) -> str:
-        # pread: the child shares the file offset, so seeking here would move its writes.
-        return os.pread(stream.fileno(), os.fstat(stream.fileno()).st_size, 0).decode(
-            errors="replace")
-
-    def stdout(self) -> str:
-        return self.text(self.out)
-
-    def tail(self) -> str:
-        lines = self.text(self.err).strip().splitlines()
-        return lines[-1] if lines else "(no message)"
-
-    def json(self) -> dict:
-        try:
-            return json.loads(self.stdout())
-        except ValueError:
-            raise BenchError(f"{self.label} printed no JSON: {self.stdout()[:200]!r}") from None
-
-    def close(self) -> None:
-        self.kill()
-        os.close(self.pidfd)
-        self.out.close()
-        self.err.close()
+# -- running ----------------------------------------------------------------------------
 
 
 class Bench:
     def __init__(self, args) -> None:
-        self.size, self.channels, self.timeout = args.size, args.channels, args.timeout
-        self.dir = args.dir
-        self.image = os.path.join(args.dir, f"multifd-bench-{args.size}.img")
+        self.size, self.timeout, self.dir = args.size, args.timeout, args.dir
+        self.cache = args.cache
         self.output = os.path.join(args.dir, f"multifd-bench-{os.getpid()}.out")
-        self.iperf3 = None if args.skip_iperf else shutil.which("iperf3")
-        self.multifd = {"multifd-send": _tool("multifd-send", "multifd.send_cli"),
-                        "multifd-recv": _tool("multifd-recv", "multifd.recv_cli")}
-        self.tls_dir: str | None = None  # the credentials of the TLS cases, while they exist
+        self.iperf3 = shutil.which("iperf3")
+        self.send = tool("multifd-send", "multifd.send_cli")
+        self.recv = tool("multifd-recv", "multifd.recv_cli")
+        self.tls_dir: str | None = None  # the credentials of the TLS runs, while they exist
 
-    # -- TLS credentials ----------------------------------------------------------------
+    # -- TLS credentials and files ------------------------------------------------------
 
     def make_credentials(self) -> None:
         """A CA, a server certificate for 127.0.0.1 and a client certificate, in a private
         (0700) temporary directory that drop_credentials removes."""
         self.tls_dir = tempfile.mkdtemp(prefix="multifd-bench-tls-")
-        certs.generate(self.tls_dir, ["127.0.0.1"])  # a failed write is a UsageError
+        certs.generate(self.tls_dir, ["127.0.0.1"])
 
     def drop_credentials(self) -> None:
         if self.tls_dir is not None:
             shutil.rmtree(self.tls_dir, ignore_errors=True)
             self.tls_dir = None
 
-    # -- files --------------------------------------------------------------------------
+    def image(self, kind: str) -> str:
+        return os.path.join(self.cache, f"{kind}-{self.size}.img")
 
-    def prepare_image(self) -> bool:
-        """Returns True when a kept image of the right size is reused."""
-        if os.path.isfile(self.image) and os.path.getsize(self.image) == self.size:
-            return True
-        write_image(self.image, self.size, "random", seed=0)
-        return False
+    def prepare_image(self, kind: str) -> bool:
+        """The cached image of `kind`, made if missing, then read once (into the page cache,
+        as every run will find it). Returns whether it was already there."""
+        path = self.image(kind)
+        found = os.path.isfile(path) and os.path.getsize(path) == self.size
+        if not found:
+            os.makedirs(self.cache, exist_ok=True)
+            write_image(path, self.size, kind, seed=0)
+        with open(path, "rb", buffering=0) as f:
+            buf = bytearray(8 * MIB)
+            while f.readinto(buf):
+                pass
+        return found
 
     def prime(self) -> None:
-        """Write and delete a file of the image's size, so that the output's pages are
-        ones the host has backed just now (see the module docstring)."""
+        """Write and delete a file of the image's size, so that the output's pages are ones
+        the host has backed just now (see the module docstring)."""
         path = self.output + ".prime"
         try:
-            block = bytes(8 << 20)
+            block = bytes(8 * MIB)
             with open(path, "wb") as f:
                 for offset in range(0, self.size, len(block)):
                     f.write(block[:self.size - offset])
         finally:
-            _unlink(path)
+            unlink(path)
 
     def drop_outputs(self) -> None:
         """The output, and any partial file multifd-recv left beside it."""
-        _unlink(self.output)
+        unlink(self.output)
         prefix = f".{os.path.basename(self.output)}."
         for name in os.listdir(self.dir):
             if name.startswith(prefix) and name.endswith(".part"):
-                _unlink(os.path.join(self.dir, name))
+                unlink(os.path.join(self.dir, name))
 
-    def output_identical(self) -> bool:
+    def output_identical(self, kind: str) -> bool:
         if os.path.getsize(self.output) != self.size:
             return False
-        with open(self.image, "rb") as a, open(self.output, "rb") as b:
+        with open(self.image(kind), "rb") as a, open(self.output, "rb") as b:
             while True:
-                chunk = a.read(4 << 20)
-                if chunk != b.read(4 << 20):
+                chunk = a.read(4 * MIB)
+                if chunk != b.read(4 * MIB):
                     return False
                 if not chunk:
                     return True
 
-    # -- cases --------------------------------------------------------------------------
+    # -- one run ------------------------------------------------------------------------
 
-    def run(self, case: str) -> dict:
-        newfile = case.endswith("-newfile")
-        if newfile:
+    def run(self, case: str, point: Point) -> dict:
+        """One timed run of `case` at `point`: seconds, CPU and peak memory of each side."""
+        if case == "iperf3":
+            return self.case_iperf3(point.channels)
+        file = point.mode == "file"
+        if file:
             self.prime()
-            self.drop_outputs()
+        self.drop_outputs()
         try:
-            if case == "iperf3":
-                return self.case_iperf3()
-            if case.startswith("raw-"):
-                result = self.case_raw(discard=not newfile, tls=case in TLS_CASES)
-            else:
-                result = self.case_multifd(discard=not newfile, tls=case in TLS_CASES)
-            if newfile:
-                if not self.output_identical():
-                    raise BenchError("output differs from the image")
-                result["check"] += ", output identical"
+            result = (self.case_multifd if case == "multifd" else self.case_copier)(point)
+            if file and not self.output_identical(point.image):
+                raise BenchError("the output differs from the image")
             return result
         finally:
             self.drop_outputs()
 
-    @contextlib.contextmanager
-    def pair(self, server: tuple, ready, client: tuple):
-        """Start the server (label, argv); once ready(server) gives its port, time the client
-        (label, argv_for(port)). Both are reaped before the body runs; any failure kills both."""
-        children = []
-        try:
-            children.append(srv := Child(*server))
-            deadline = time.monotonic() + self.timeout
-            while (port := ready(srv)) is None:
-                if srv.exited(0.005):
-                    srv.wait(0)
-                    raise BenchError(f"{srv.label} exited before listening")
-                if time.monotonic() > deadline:
-                    raise BenchError(f"{srv.label} not listening after {self.timeout:g} s")
-            children.append(cln := Child(client[0], client[1](port)))
-            # A failed client leaves the server waiting for it: the raise kills it now.
-            cln.wait(self.timeout)
-            srv.wait(self.timeout)
-            yield srv, cln
-        finally:
-            for child in children:
-                child.close()
-
-    def case_raw(self, discard: bool, tls: bool = False) -> dict:
-        if tls and self.tls_dir is None:
+    def _secure(self, point: Point) -> list[str]:
+        if not point.tls:
+            return []
+        if self.tls_dir is None:
             raise BenchError("no TLS credentials (make_credentials was not called)")
-        raw = [sys.executable, "-m", "multifd.tools.rawcopy"]
-        n = str(self.channels)
-        secure = ["--tls", self.tls_dir] if tls else []
-        server = ("rawcopy recv", raw + ["recv", "--listen", "127.0.0.1:0", "--channels", n,
-                                         *secure] + (["--discard"] if discard else [self.output]))
-        client = ("rawcopy send", lambda port: raw + [
-            "send", f"127.0.0.1:{port}", self.image, "--channels", n, *secure])
-        with self.pair(server, _stderr_port, client) as (srv, cln):
-            for side in (srv, cln):
-                if (got := side.json().get("bytes")) != self.size:
-                    raise BenchError(f"{side.label} moved {got} bytes, not {self.size}")
-            return _stats(srv, cln, check="byte counts")
+        return ["--tls", self.tls_dir]
 
-    def case_multifd(self, discard: bool, tls: bool = False) -> dict:
-        if tls and self.tls_dir is None:
-            raise BenchError("no TLS credentials (make_credentials was not called)")
-        secure = ["--tls", self.tls_dir] if tls else []
-        server = ("multifd-recv", self.multifd["multifd-recv"] + [
-            "--listen", "127.0.0.1:0", "--quiet", "--json", *secure]
-            + (["--discard"] if discard else [self.output]))
-        client = ("multifd-send", lambda port: self.multifd["multifd-send"] + [
-            f"127.0.0.1:{port}", self.image, "--channels", str(self.channels), "--quiet",
+    def _into(self, point: Point) -> list[str]:
+        return [self.output] if point.mode == "file" else ["--discard"]
+
+    def case_multifd(self, point: Point) -> dict:
+        secure, n = self._secure(point), str(point.channels)
+        server = ("multifd-recv", self.recv + ["--listen", "127.0.0.1:0", "--quiet", "--json",
+                                               *secure, *self._into(point)])
+        client = ("multifd-send", lambda port: self.send + [
+            f"127.0.0.1:{port}", self.image(point.image), "--channels", n, "--quiet",
             "--json", *secure])
-        with self.pair(server, _stderr_port, client) as (srv, cln):
+        with pair(server, stderr_port, client, self.timeout) as (srv, cln):
             reports = [srv.json(), cln.json()]
             if not all(r.get("ok") and r.get("bytes") == self.size for r in reports) or \
                     reports[0].get("digest") != reports[1].get("digest"):
                 raise BenchError(f"multifd reports disagree: {reports}")
-            return _stats(srv, cln, check="digests agree")
+            return _stats(srv, cln)
 
-    def case_iperf3(self) -> dict:
+    def case_copier(self, point: Point) -> dict:
+        raw = [sys.executable, "-m", "multifd.tools.rawcopy"]
+        common = ["--channels", str(point.channels), "--digest", *self._secure(point)]
+        server = ("copier recv", raw + ["recv", "--listen", "127.0.0.1:0", *common,
+                                        *self._into(point)])
+        client = ("copier send", lambda port: raw + [
+            "send", f"127.0.0.1:{port}", self.image(point.image), *common])
+        with pair(server, stderr_port, client, self.timeout) as (srv, cln):
+            reports = [srv.json(), cln.json()]
+            if any(r.get("bytes") != self.size for r in reports) or \
+                    reports[0]["digest"] != reports[1]["digest"]:
+                raise BenchError(f"copier reports disagree: {reports}")
+            return _stats(srv, cln)
+
+    def case_iperf3(self, channels: int) -> dict:
+        if self.iperf3 is None:
+            raise BenchError("iperf3 is not installed (make bench installs it)")
         with socket.socket() as s:  # a free port: iperf3 cannot pick one and tell us
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         server = ("iperf3 -s", [self.iperf3, "-s", "-1", "-B", "127.0.0.1", "-p", str(port)])
         client = ("iperf3 -c", lambda _: [
-            self.iperf3, "-c", "127.0.0.1", "-p", str(port), "-P", str(self.channels),
+            self.iperf3, "-c", "127.0.0.1", "-p", str(port), "-P", str(channels),
             "-l", "512K", "-n", str(self.size), "-J"])
-        ready = lambda _: port if _tcp_listening(port) else None  # noqa: E731
-        with self.pair(server, ready, client) as (srv, cln):
+        ready = lambda _: port if tcp_listening(port) else None  # noqa: E731
+        with pair(server, ready, client, self.timeout) as (srv, cln):
             try:
-                sent, received = (cln.json()["end"][k] for k in ("sum_sent", "sum_received"))
+                sent = cln.json()["end"]["sum_sent"]
             except KeyError:
-                raise BenchError("iperf3 JSON has no end.sum_sent/sum_received") from None
+                raise BenchError("iperf3 JSON has no end.sum_sent") from None
             # The server's count can stop short of the last bytes in flight when the test
             # ends (seen under CPU contention), so the sender's count is the one checked.
             if sent["bytes"] < self.size:
                 raise BenchError(f"iperf3 sent {sent['bytes']} bytes, not {self.size}")
-            return _stats(srv, cln, check="iperf3 byte count",
-                          reported_gbps=received["bits_per_second"] / 8e9)
+            return _stats(srv, cln)
 
 
-def _stats(server: Child, client: Child, **extra) -> dict:
-    return {"seconds": client.seconds, "sender_cpu_s": client.cpu,
-            "receiver_cpu_s": server.cpu, **extra}
+def _stats(server, client) -> dict:
+    return {"seconds": client.seconds, "sender_cpu_s": client.cpu, "receiver_cpu_s": server.cpu,
+            "sender_rss": client.peak_rss, "receiver_rss": server.peak_rss}
 
 
-def _tool(name: str, module: str) -> list[str]:
-    """The installed command beside our interpreter, else the same code via -m."""
-    path = os.path.join(os.path.dirname(sys.executable), name)
-    return [path] if os.access(path, os.X_OK) else [sys.executable, "-m", module]
+# -- the matrix -------------------------------------------------------------------------
 
 
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+def jobs(args) -> list[tuple[str, Point]]:
+    """Every (case, point) to run, in the order of one repeat: each point's cases side by
+    side, and each channel count's iperf3 before its points."""
+    out = []
+    for n in args.channels:
+        if not args.skip_iperf:
+            out.append(("iperf3", Point(n, False, "-", "-")))
+        for tls in args.tls:
+            for image in args.image:
+                for mode in args.mode:
+                    for case in CASES:
+                        out.append((case, Point(n, tls, image, mode)))
+    return out
 
 
-def _stderr_port(server: Child) -> int | None:
-    m = LISTENING.search(server.text(server.err))
-    return int(m.group(2)) if m else None
+def summarize(size: int, runs: dict, errors: dict) -> dict:
+    """Medians per (case, point), the ratios to their baselines, and the goals."""
+    def key(case: str, point: Point) -> str:
+        return f"{case} {point.label()}" if case != "iperf3" else f"iperf3 N={point.channels}"
 
-
-def _tcp_listening(port: int) -> bool:
-    """Whether something listens on 127.0.0.1:port, found without connecting: iperf3 -1
-    would take a probe connection for its one client."""
-    with open("/proc/net/tcp") as f:
-        for line in f.readlines()[1:]:
-            fields = line.split()
-            if fields[1] == f"0100007F:{port:04X}" and fields[3] == "0A":
-                return True
-    return False
-
-
-# -- results ----------------------------------------------------------------------------
-
-
-def summarize(size: int, runs: dict, errors: dict, skipped: dict) -> dict:
-    cases = {}
-    for case in CASES:
-        if case in skipped:
-            cases[case] = {"ok": None, "skipped": skipped[case]}
-        elif case in errors or not runs[case]:
-            cases[case] = {"ok": False, "error": errors.get(case, "not run"), "runs": runs[case]}
+    results = {}
+    for (case, point), rs in runs.items():
+        entry = {"case": case, **asdict(point)}
+        if (case, point) in errors:
+            entry.update(ok=False, error=errors[(case, point)])
+        elif rs:
+            med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+            entry.update(ok=True, runs=len(rs), seconds=med["seconds"],
+                         gbps=size / med["seconds"] / 1e9,
+                         sender_cpu_s=med["sender_cpu_s"], receiver_cpu_s=med["receiver_cpu_s"],
+                         sender_rss_mib=max(r["sender_rss"] for r in rs) / MIB,
+                         receiver_rss_mib=max(r["receiver_rss"] for r in rs) / MIB)
         else:
-            # Median of each figure on its own: with --repeat 1 it is simply the run.
-            med = {key: statistics.median(r[key] for r in runs[case])
-                   for key in runs[case][0] if isinstance(runs[case][0][key], float)}
-            cases[case] = {"ok": True, "seconds": med["seconds"],
-                           "gbps": size / med["seconds"] / 1e9,
-                           "sender_cpu_s_per_gib": med["sender_cpu_s"] / (size / GIB),
-                           "receiver_cpu_s_per_gib": med["receiver_cpu_s"] / (size / GIB),
-                           "check": runs[case][0]["check"], "runs": runs[case]}
-            if "reported_gbps" in med:
-                cases[case]["reported_gbps"] = med["reported_gbps"]
-    ratios = {}
-    for num, den, goal in GOALS:
-        a, b = cases[num], cases[den]
-        value = a["gbps"] / b["gbps"] if a.get("ok") and b.get("ok") else None
-        ratios[f"{num}/{den}"] = {"value": value, "goal": goal,
-                                  "pass": None if value is None else value >= goal}
-        if value is not None and "reported_gbps" in b:
-            ratios[f"{num}/{den}"]["value_vs_reported"] = a["gbps"] / b["reported_gbps"]
-    rate_goals = {}
-    for case, goal in RATE_GOALS:
-        value = cases[case]["gbps"] if cases[case].get("ok") else None
-        rate_goals[case] = {"gbps": value, "goal_gbps": goal,
-                            "pass": None if value is None else value >= goal}
-    tls_ratios = {}
-    for label, num, den in TLS_RATIOS:
-        a, b = cases[num], cases[den]
-        tls_ratios[label] = {"value": a["gbps"] / b["gbps"] if a.get("ok") and b.get("ok")
-                             else None, "ratio": f"{num}/{den}"}
-    return {"cases": cases, "ratios": ratios, "rate_goals": rate_goals, "tls_ratios": tls_ratios}
+            continue
+        results[key(case, point)] = entry
+
+    def gbps(case: str, point: Point) -> float | None:
+        entry = results.get(key(case, point))
+        return entry["gbps"] if entry and entry.get("ok") else None
+
+    rows = []
+    for (case, point) in runs:
+        if case != "multifd":
+            continue
+        ours, copier = gbps("multifd", point), gbps("copier", point)
+        iperf = gbps("iperf3", Point(point.channels, False, "-", "-"))
+        random = gbps("multifd", Point(point.channels, point.tls, "random", point.mode))
+        entry = results.get(key("multifd", point), {})
+        rows.append({**asdict(point), "multifd_gbps": ours, "copier_gbps": copier,
+                     "iperf3_gbps": iperf,
+                     "vs_copier": _ratio(ours, copier), "vs_iperf3": _ratio(ours, iperf),
+                     "vs_random": None if point.image == "random" else _ratio(ours, random),
+                     **{k: entry.get(k) for k in ("sender_cpu_s", "receiver_cpu_s",
+                                                  "sender_rss_mib", "receiver_rss_mib")}})
+    return {"results": results, "points": rows, "goals": _goals(rows)}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _goals(rows: list[dict], qemu: list[dict] | None = None) -> list[dict]:
+    """Each goal judged at every point it applies to (None: no such point ran)."""
+    def judged(name: str, values: list[tuple[str, float | None]]) -> dict:
+        least = {g[0]: g[2] for g in GOALS}[name]
+        got = [(where, v) for where, v in values if v is not None]
+        return {"goal": name, "least": least,
+                "values": [{"where": w, "value": round(v, 3), "pass": v >= least}
+                           for w, v in got],
+                "pass": all(v >= least for _, v in got) if got else None}
+
+    def label(r: dict) -> str:
+        return Point(r["channels"], r["tls"], r["image"], r["mode"]).label()
+
+    out = [judged("zero image into a file", [(label(r), r["multifd_gbps"]) for r in rows
+                                             if r["image"] == "zero" and r["mode"] == "file"]),
+           judged("mixed / random", [(label(r), r["vs_random"]) for r in rows
+                                     if r["image"] == "mixed"]),
+           judged("multifd / copier, random, discard",
+                  [(label(r), r["vs_copier"]) for r in rows
+                   if r["image"] == "random" and r["mode"] == "discard"]),
+           judged("multifd / copier, random, file",
+                  [(label(r), r["vs_copier"]) for r in rows
+                   if r["image"] == "random" and r["mode"] == "file"])]
+    for q in qemu or ():
+        ours = next((r["multifd_gbps"] for r in rows if r["image"] == "mixed"
+                     and r["mode"] == "file" and r["channels"] == q["channels"]
+                     and r["tls"] == q["tls"]), None)
+        theirs = q["cases"].get("qemu-dst", {}).get("gb_per_s")
+        name = "multifd / QEMU dst, TLS" if q["tls"] else "multifd / QEMU dst, file"
+        out.append(judged(name, [(f"N={q['channels']}", _ratio(ours, theirs))]))
+    memory = [(f"{r['image']} {r['mode']} N={r['channels']}{' TLS' if r['tls'] else ''}",
+               max(r["sender_rss_mib"], r["receiver_rss_mib"])) for r in rows
+              if r["sender_rss_mib"] is not None]
+    out.append({"goal": "peak RssAnon of each multifd process (MiB)",
+                "most": MEMORY_GOAL / MIB,
+                "values": [{"where": w, "value": round(v, 1), "pass": v <= MEMORY_GOAL / MIB}
+                           for w, v in memory],
+                "pass": all(v <= MEMORY_GOAL / MIB for _, v in memory) if memory else None})
+    return out
+
+
+def _fmt(value: float | None, spec: str = ".2f", suffix: str = "") -> str:
+    return "–" if value is None else f"{value:{spec}}{suffix}"
 
 
 def table(result: dict) -> str:
     r = result
-    lines = [f"{PROG}: {r['size'] / GIB:g} GiB random image in {r['dir']}, "
-             f"{r['channels']} channels, median of {r['repeat']} run(s)"
-             f"{' (kept image reused)' if r['image_reused'] else ''}", "",
-             f"{'case':<20} {'seconds':>8} {'GB/s':>7} {'send CPU':>9} {'recv CPU':>9}  check",
-             f"{'':<20} {'':>8} {'':>7} {'s/GiB':>9} {'s/GiB':>9}"]
-    for case, c in r["cases"].items():
-        if c["ok"]:
-            check = c["check"]
-            if "reported_gbps" in c:
-                check += f"; iperf3 reports {c['reported_gbps']:.2f} GB/s"
-            lines.append(f"{case:<20} {c['seconds']:>8.3f} {c['gbps']:>7.2f} "
-                         f"{c['sender_cpu_s_per_gib']:>9.3f} {c['receiver_cpu_s_per_gib']:>9.3f}"
-                         f"  {check}")
-        else:
-            why = f"skipped: {c['skipped']}" if c["ok"] is None else f"FAILED: {c['error']}"
-            lines.append(f"{case:<20} {'-':>8} {'-':>7} {'-':>9} {'-':>9}  {why}")
-    lines.append("")
-
-    def missing(names) -> str:
-        return ", ".join(c for c in names if not r["cases"][c]["ok"])
-
-    for name, q in r["ratios"].items():
-        if q["value"] is None:
-            lines.append(f"{name:<{NAME_WIDTH}} n/a    (goal >= {q['goal']:.2f}; "
-                         f"no {missing(name.split('/'))} result)")
+    lines = [f"{PROG}: {r['size'] / GIB:g} GiB images, {r['cpu']}, median of {r['repeat']} "
+             f"run(s); GB/s = 1e9 image bytes a second over the whole sender run", "",
+             "| image | mode | N | TLS | multifd GB/s | copier GB/s | x copier | iperf3 GB/s "
+             "| x iperf3 | x random | CPU s send/recv | RssAnon MiB send/recv |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in r["points"]:
+        cpu = (f"{p['sender_cpu_s']:.2f} / {p['receiver_cpu_s']:.2f}"
+               if p["sender_cpu_s"] is not None else "–")
+        rss = (f"{p['sender_rss_mib']:.0f} / {p['receiver_rss_mib']:.0f}"
+               if p["sender_rss_mib"] is not None else "–")
+        lines.append(f"| {p['image']} | {p['mode']} | {p['channels']} | "
+                     f"{'on' if p['tls'] else 'off'} | {_fmt(p['multifd_gbps'])} | "
+                     f"{_fmt(p['copier_gbps'])} | {_fmt(p['vs_copier'])} | "
+                     f"{_fmt(p['iperf3_gbps'])} | {_fmt(p['vs_iperf3'])} | "
+                     f"{_fmt(p['vs_random'])} | {cpu} | {rss} |")
+    failed = [(k, e["error"]) for k, e in r["results"].items() if not e.get("ok")]
+    lines += [f"FAILED {k}: {why}" for k, why in failed]
+    for q in r.get("qemu", []):
+        lines += ["", _qemu_table(q)]
+    for live in r.get("live", []):
+        from . import livebench
+        lines += ["", livebench.table(live)]
+    lines += ["", "| goal | least | result | worst point |", "|---|---|---|---|"]
+    for g in r["goals"]:
+        bound = f">= {g['least']:g}" if "least" in g else f"<= {g['most']:g}"
+        if g["pass"] is None:
+            lines.append(f"| {g['goal']} | {bound} | n/a (no such point ran) | |")
             continue
-        extra = (f"  ({q['value_vs_reported']:.2f} against iperf3's own rate)"
-                 if "value_vs_reported" in q else "")
-        lines.append(f"{name:<{NAME_WIDTH}} {q['value']:.2f}   (goal >= {q['goal']:.2f})  "
-                     f"{'PASS' if q['pass'] else 'MISS'}{extra}")
-    for case, q in r["rate_goals"].items():
-        name = f"{case} GB/s"
-        if q["gbps"] is None:
-            lines.append(f"{name:<{NAME_WIDTH}} n/a    (goal >= {q['goal_gbps']:.2f}; "
-                         f"no {case} result)")
-            continue
-        lines.append(f"{name:<{NAME_WIDTH}} {q['gbps']:.2f}   (goal >= {q['goal_gbps']:.2f})  "
-                     f"{'PASS' if q['pass'] else 'MISS'}")
-    for name, q in r["tls_ratios"].items():
-        if q["value"] is None:
-            lines.append(f"{name:<{NAME_WIDTH}} n/a    (no goal; no "
-                         f"{missing(q['ratio'].split('/'))} result)")
-            continue
-        what = "no goal" if name == q["ratio"] else f"{q['ratio']}, no goal"
-        lines.append(f"{name:<{NAME_WIDTH}} {q['value']:.2f}   ({what})")
+        worst = (min if "least" in g else max)(g["values"], key=lambda v: v["value"])
+        lines.append(f"| {g['goal']} | {bound} | {'PASS' if g['pass'] else 'MISS'} | "
+                     f"{worst['value']:g} at {worst['where']} |")
     return "\n".join(lines)
 
 
-def _case_list(text: str) -> tuple[str, ...]:
-    """'multifd-tls-discard,multifd-discard' -> those cases, in CASES order."""
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError("no case named")
-    unknown = [name for name in names if name not in CASES]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown case {', '.join(map(repr, unknown))} "
-                                         f"(cases: {','.join(CASES)})")
-    return tuple(case for case in CASES if case in names)
+def _qemu_table(q: dict) -> str:
+    from . import qemubench
+    return qemubench.table(q)
+
+
+# -- the command line -------------------------------------------------------------------
 
 
 def build_parser() -> cliargs.Parser:
-    p = cliargs.Parser(prog=PROG, description="Time multifd against a raw TCP copy and iperf3 "
-                   "over loopback; see the module docstring for what each case measures.")
+    p = cliargs.Parser(prog=PROG, description="Time multifd against a minimal copier, raw TCP "
+                       "(iperf3) and, with --qemu, QEMU's own multifd, over a matrix of "
+                       "configurations; see the module docstring.")
     p.add_argument("--size", type=cliargs.size, default=units.parse_size("1G"),
-                   help="image size, e.g. 256M, 1G (default 1G)")
-    p.add_argument("--channels", type=int, default=4, metavar="N",
-                   help=f"TCP connections for every case, 1..{wire.MAX_CHANNELS} (default 4)")
-    p.add_argument("--dir", default="/dev/shm",
-                   help="where the image and the output files go (default /dev/shm)")
+                   help="image size, e.g. 256M, 1GiB (default 1G)")
+    p.add_argument("--channels", type=_list(int), default=[4], metavar="LIST",
+                   help=f"channel counts, e.g. 1,4,8 (1..{wire.MAX_CHANNELS}; default 4)")
+    p.add_argument("--tls", type=_list(_onoff), default=[False], metavar="LIST",
+                   help="off, on, or off,on (default off)")
+    p.add_argument("--image", type=_list(str, KINDS), default=["random"], metavar="LIST",
+                   help=f"image kinds: {','.join(KINDS)} (default random)")
+    p.add_argument("--mode", type=_list(str, MODES), default=list(MODES), metavar="LIST",
+                   help="file (a new output file), discard (verify, write nothing), or both "
+                   "(default)")
     p.add_argument("--repeat", type=int, default=1, metavar="K",
-                   help="run the case sequence K times and report medians (default 1)")
+                   help="run the matrix K times, interleaved, and report medians (default 1)")
+    p.add_argument("--dir", default="/dev/shm",
+                   help="where the output files go (default /dev/shm)")
+    p.add_argument("--cache", default=os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "multifd-bench"),
+        help="where the images are kept between runs (default ~/.cache/multifd-bench)")
     p.add_argument("--timeout", type=cliargs.duration, default=300.0, metavar="S",
                    help="bound on each process run (default 300)")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object with all results instead of the table")
-    p.add_argument("--keep", action="store_true",
-                   help="keep the image for the next run (reused when its size matches)")
-    p.add_argument("--skip-iperf", action="store_true", help="do not run the iperf3 case")
+    p.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                   help="write all results as one JSON object to PATH (- or nothing: stdout, "
+                   "instead of the table)")
+    p.add_argument("--plot", metavar="PATH",
+                   help="draw the results into PATH (PNG; needs matplotlib: pip install "
+                   "multifd[plot])")
+    p.add_argument("--skip-iperf", action="store_true", help="do not run iperf3")
     p.add_argument("--qemu", action="store_true",
-                   help="instead: a real QEMU source (--size of guest RAM) into multifd-recv "
-                   "--qemu beside a QEMU destination (multifd.tools.qemubench)")
+                   help="add a real QEMU source into QEMU destinations and into multifd-recv "
+                   "--qemu, per channel count and TLS setting (multifd.tools.qemubench)")
     p.add_argument("--live-rates", metavar="LIST",
-                   help="instead: live precopy at each dirty rate, e.g. 0,50MB/s,100MB/s "
-                   "(multifd.tools.livebench), writes in --live-pattern")
+                   help="add live precopy at each dirty rate, e.g. 0,100MB/s,400MB/s, per "
+                   "channel count (multifd.tools.livebench), writes in --live-pattern")
     p.add_argument("--live-pattern", default="uniform", metavar="PATTERN",
                    help="the workload's pattern for --live-rates (default uniform)")
-    p.add_argument("--cases", type=_case_list, default=CASES, metavar="LIST",
-                   help="comma-separated cases to run, always in this order (default all): "
-                   + ", ".join(CASES))
+    p.add_argument("--no-matrix", action="store_true",
+                   help="only what --qemu and --live-rates add")
     return p
-
-
-def _qemu_bench(args) -> int:
-    from . import qemubench  # only this case needs QEMU's driver
-
-    try:
-        result = qemubench.run(args.size, args.channels, args.dir, args.repeat, args.timeout,
-                               lambda text: print(f"{PROG}: {text}", file=sys.stderr,
-                                                  flush=True))
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    print(json.dumps(result, indent=1) if args.json else qemubench.table(result), flush=True)
-    return 1 if result["errors"] else 0
-
-
-def _live_bench(args, parser) -> int:
-    from . import livebench
-
-    try:
-        rates = livebench.parse_rates(args.live_rates)
-    except ValueError as exc:
-        parser.error(f"--live-rates: {exc}")
-    try:
-        result = livebench.run(args.size, args.channels, rates, args.live_pattern, args.dir,
-                               args.timeout, lambda text: print(f"{PROG}: {text}",
-                                                                file=sys.stderr, flush=True))
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    print(json.dumps(result, indent=1) if args.json else livebench.table(result), flush=True)
-    return 1 if any("error" in r for r in result["live"]) else 0
 
 
 class _Terminated(Exception):
@@ -524,72 +470,127 @@ def _on_sigterm(signum, frame) -> None:
     raise _Terminated
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not 1 <= args.channels <= wire.MAX_CHANNELS:
+def _log(text: str) -> None:
+    print(f"{PROG}: {text}", file=sys.stderr, flush=True)
+
+
+def _check(parser, args) -> None:
+    if any(not 1 <= n <= wire.MAX_CHANNELS for n in args.channels):
         parser.error(f"--channels must be in 1..{wire.MAX_CHANNELS}")
     if args.repeat < 1 or args.size < 1:
         parser.error("--repeat and --size must be positive")
     if not os.path.isdir(args.dir) or not os.access(args.dir, os.W_OK | os.X_OK):
         parser.error(f"--dir {args.dir} is not a writable directory")
-    if args.qemu:
-        return _qemu_bench(args)
+    if args.plot:
+        if importlib.util.find_spec("matplotlib") is None:
+            parser.error("--plot needs matplotlib (pip install multifd[plot])")
     if args.live_rates:
-        return _live_bench(args, parser)
-    bench = Bench(args)
-    skipped = {case: "not in --cases" for case in CASES if case not in args.cases}
-    if "iperf3" not in skipped:
-        if args.skip_iperf:
-            skipped["iperf3"] = "--skip-iperf"
-        elif bench.iperf3 is None:
-            skipped["iperf3"] = "iperf3 not installed (apt-get install iperf3)"
-    runs: dict = {case: [] for case in CASES}
+        from . import livebench
+        try:
+            args.rates = livebench.parse_rates(args.live_rates)
+        except ValueError as exc:
+            parser.error(f"--live-rates: {exc}")
+
+
+def _run_matrix(bench: Bench, args) -> tuple[dict, dict]:
+    todo = [] if args.no_matrix else jobs(args)
+    runs: dict = {job: [] for job in todo}
     errors: dict = {}
+    if any(p.tls for _, p in todo) or (args.qemu and True in args.tls):
+        bench.make_credentials()
+    for kind in dict.fromkeys(p.image for _, p in todo if p.image != "-"):
+        bench.prepare_image(kind)
+    total = len(todo) * args.repeat
+    done = 0
+    for k in range(args.repeat):
+        for job in (todo if k % 2 == 0 else todo[::-1]):
+            done += 1
+            if job in errors:
+                continue
+            case, point = job
+            what = f"iperf3 N={point.channels}" if case == "iperf3" else \
+                f"{case} {point.label()}"
+            try:
+                runs[job].append(bench.run(case, point))
+                r = runs[job][-1]
+                note = f"{r['seconds']:.3f} s, {args.size / r['seconds'] / 1e9:.2f} GB/s"
+            except BenchError as exc:
+                errors[job] = str(exc)
+                note = f"FAILED: {exc}"
+            _log(f"[{done}/{total}] {what}: {note}")
+    return runs, errors
+
+
+def _run_extras(bench: Bench, args, result: dict) -> bool:
+    """--qemu and --live-rates; returns whether any of their runs failed."""
+    failed = False
+    if args.qemu:
+        from . import qemubench
+        result["qemu"] = []
+        for n in args.channels:
+            for tls in args.tls:
+                q = qemubench.run(args.size, n, args.dir, args.repeat, args.timeout, _log,
+                                  tls_dir=bench.tls_dir if tls else None)
+                q["tls"] = tls
+                result["qemu"].append(q)
+                failed |= bool(q["errors"])
+        result["goals"] = _goals(result["points"], result["qemu"])
+    if args.live_rates:
+        from . import livebench
+        result["live"] = []
+        for n in args.channels:
+            live = livebench.run(args.size, n, args.rates, args.live_pattern, args.dir,
+                                 args.timeout, _log)
+            result["live"].append(live)
+            failed |= any("error" in r for r in live["live"])
+    return failed
+
+
+def _write(args, result: dict) -> None:
+    if args.json and args.json != "-":
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    if args.json == "-":
+        print(json.dumps(result, indent=1), flush=True)
+    else:
+        print(table(result), flush=True)
+    if args.plot:
+        from .benchplot import plot
+        plot(result, args.plot)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check(parser, args)
+    from .qemubench import cpu_model
+    bench = Bench(args)
     # Only where signal handlers can be set (main() may be called from a thread).
     sigterm = (signal.signal(signal.SIGTERM, _on_sigterm)
                if threading.current_thread() is threading.main_thread() else None)
     try:
-        if any(case not in skipped for case in TLS_CASES):
-            bench.make_credentials()
-        reused = bench.prepare_image()
-        for k in range(args.repeat):
-            # Alternate the order: what ran just before a case changes its timing on this
-            # kind of VM, and the medians should not carry that bias to one side.
-            for case in (CASES if k % 2 == 0 else CASES[::-1]):
-                if case in skipped or case in errors:
-                    continue
-                try:
-                    runs[case].append(bench.run(case))
-                    note = f"{runs[case][-1]['seconds']:.3f} s"
-                except BenchError as exc:
-                    errors[case] = str(exc)
-                    note = f"FAILED: {exc}"
-                print(f"{PROG}: [{k + 1}/{args.repeat}] {case}: {note}", file=sys.stderr,
-                      flush=True)
+        runs, errors = _run_matrix(bench, args)
+        result = {"size": args.size, "repeat": args.repeat, "cpu": cpu_model(),
+                  **summarize(args.size, runs, errors)}
+        failed = _run_extras(bench, args, result) or bool(errors)
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        _log("interrupted")
         return 130
     except _Terminated:
-        print(f"{PROG}: terminated", file=sys.stderr)
+        _log("terminated")
         return 143
     except (OSError, UsageError) as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
+        _log(str(exc))
         return 1
     finally:
         try:
             bench.drop_credentials()
             bench.drop_outputs()
-            if not args.keep:
-                _unlink(bench.image)
         finally:
             if sigterm is not None:
                 signal.signal(signal.SIGTERM, sigterm)
-    result = {"size": args.size, "channels": args.channels, "dir": args.dir,
-              "repeat": args.repeat, "image_reused": reused,
-              **summarize(args.size, runs, errors, skipped)}
-    print(json.dumps(result, indent=1) if args.json else table(result), flush=True)
-    return 1 if errors else 0
+    _write(args, result)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -60,8 +60,10 @@ def _free_port() -> int:
 
 
 class QemuBench:
-    def __init__(self, size: int, channels: int, directory: str, timeout: float) -> None:
+    def __init__(self, size: int, channels: int, directory: str, timeout: float,
+                 tls_dir: str | None = None) -> None:
         self.size, self.channels, self.timeout = size, channels, timeout
+        self.tls_dir = tls_dir  # both QEMUs' tls-creds-x509 and multifd-recv's --tls
         self.work = tempfile.mkdtemp(prefix="multifd-qemubench-", dir=directory)
         self.image = os.path.join(self.work, "image")
         write_image(self.image, size // 2, "random", 1)
@@ -70,23 +72,29 @@ class QemuBench:
         shutil.rmtree(self.work, ignore_errors=True)
 
     def _source(self) -> Guest:
-        return Guest(mem=f"{self.size >> 20}M", image=self.image, image_addr=IMAGE_ADDR)
+        return Guest(mem=f"{self.size >> 20}M", image=self.image, image_addr=IMAGE_ADDR,
+                     tls_dir=self.tls_dir)
 
     def _migrate(self, source: Guest, uri: str) -> float:
-        source.migrate(uri, channels=self.channels)
+        source.migrate(uri, channels=self.channels, tls=self.tls_dir is not None)
         return source.wait_status("completed", timeout=self.timeout)["total-time"] / 1e3
 
     def run(self, case: str) -> dict:
+        tls = self.tls_dir is not None
         if case == "multifd-recv":
             return self._into_receiver(["-m", "multifd.recv_cli", "--listen", "127.0.0.1:0",
-                                        "--quiet", "--qemu"])
+                                        "--quiet", *(["--tls", self.tls_dir] if tls else []),
+                                        "--qemu"])
         if case == "qemucopy":
+            if tls:
+                return {"skipped": "qemucopy has no TLS"}
             return self._into_receiver(["-m", "multifd.tools.qemucopy", "--listen",
                                         "127.0.0.1:0"])
         port = _free_port()
         with self._source() as source, Guest(mem=f"{self.size >> 20}M", incoming=True,
-                                             mem_prealloc=case.endswith("prealloc")) as dst:
-            dst.migrate_incoming(f"tcp:127.0.0.1:{port}", channels=self.channels)
+                                             mem_prealloc=case.endswith("prealloc"),
+                                             tls_dir=self.tls_dir) as dst:
+            dst.migrate_incoming(f"tcp:127.0.0.1:{port}", channels=self.channels, tls=tls)
             seconds = self._migrate(source, f"tcp:127.0.0.1:{port}")
             dst.wait_status("completed", timeout=self.timeout)
         return {"seconds": seconds}
@@ -117,9 +125,11 @@ class QemuBench:
             shutil.rmtree(out, ignore_errors=True)
 
 
-def summarize(size: int, channels: int, runs: dict, errors: dict) -> dict:
+def summarize(size: int, channels: int, runs: dict, errors: dict,
+              tls: bool = False) -> dict:
     cases = {}
     for case, results in runs.items():
+        results = [r for r in results if "skipped" not in r]
         if not results:
             continue
         seconds = statistics.median(r["seconds"] for r in results)
@@ -135,13 +145,14 @@ def summarize(size: int, channels: int, runs: dict, errors: dict) -> dict:
         if case in cases and base in cases:
             ratios[f"{case}/{base}"] = round(cases[case]["gb_per_s"] / cases[base]["gb_per_s"],
                                              3)
-    return {"guest_ram": size, "channels": channels, "cpu": cpu_model(), "cases": cases,
-            "ratios": ratios, "errors": errors}
+    return {"guest_ram": size, "channels": channels, "tls": tls, "cpu": cpu_model(),
+            "cases": cases, "ratios": ratios, "errors": errors}
 
 
 def table(result: dict) -> str:
     lines = [f"QEMU source -> destination, guest RAM {result['guest_ram'] >> 20} MiB (half "
-             f"random), {result['channels']} multifd channels, {result['cpu']}",
+             f"random), {result['channels']} multifd channels"
+             f"{', TLS' if result.get('tls') else ''}, {result['cpu']}",
              "| case | QEMU total-time | GB/s | receiver exit |", "|---|---|---|---|"]
     for case, c in result["cases"].items():
         exit_s = f"{c['receiver_exit_s']:.3f} s" if "receiver_exit_s" in c else "–"
@@ -153,22 +164,25 @@ def table(result: dict) -> str:
 
 
 def run(size: int, channels: int, directory: str, repeat: int, timeout: float,
-        log) -> dict:
+        log, tls_dir: str | None = None) -> dict:
     runs: dict = {case: [] for case in CASES}
     errors: dict = {}
-    bench = QemuBench(size, channels, directory, timeout)
+    bench = QemuBench(size, channels, directory, timeout, tls_dir)
     try:
         for k in range(repeat):
             for case in (CASES if k % 2 == 0 else CASES[::-1]):
                 if case in errors:
                     continue
                 try:
-                    runs[case].append(bench.run(case))
-                    note = f"{runs[case][-1]['seconds'] * 1e3:.0f} ms"
+                    r = bench.run(case)
+                    runs[case].append(r)
+                    note = f"skipped: {r['skipped']}" if "skipped" in r else \
+                        f"{r['seconds'] * 1e3:.0f} ms"
                 except (QemuError, OSError, subprocess.SubprocessError) as exc:
                     errors[case] = str(exc).splitlines()[0]
                     note = f"FAILED: {errors[case]}"
-                log(f"[{k + 1}/{repeat}] {case}: {note}")
+                log(f"QEMU N={channels}{' TLS' if tls_dir else ''} [{k + 1}/{repeat}] "
+                    f"{case}: {note}")
     finally:
         bench.close()
-    return summarize(size, channels, runs, errors)
+    return summarize(size, channels, runs, errors, tls_dir is not None)

@@ -4,12 +4,15 @@ N parallel TCP connections, with none of multifd's framing, digests or checks.
     python -m multifd.tools.rawcopy recv --listen 127.0.0.1:0 --channels N (OUT | --discard)
     python -m multifd.tools.rawcopy send HOST:PORT IMAGE --channels N
 
-(both also take --tls DIR, below).
+(both also take --tls DIR and --digest, below).
 
 Chunk i of 512 KiB goes on connection i % N, preceded by a 12-byte header (offset u64,
 length u32). Each side has one thread per connection with blocking sockets and one reused
 buffer; the receiver pwrite()s each chunk at its offset. Both print one JSON line
 {"bytes": ..., "seconds": ...} on stdout; counting bytes is the only check.
+
+--digest gives both sides the digest work multifd does on a still image: each chunk hashed with
+XXH3-128 (seeded with its index) and the terms summed, printed as "digest" (hex).
 
 The sender exits only after every connection was closed by the receiver, which it does once
 its last write returned: like multifd-send, the sender's exit means the data has landed.
@@ -34,6 +37,10 @@ import struct
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # loaded only where TLS is used (below)
+    import ssl
 
 CHUNK = 512 << 10
 HEADER = struct.Struct("<QI")
@@ -55,7 +62,7 @@ def _recv_exact(sock: socket.socket, view: memoryview) -> int:
     return got
 
 
-def _tls_context(directory: str, server_side: bool) -> ssl.SSLContext:  # noqa: F821
+def _tls_context(directory: str, server_side: bool) -> ssl.SSLContext:
     """TLS 1.3 only, each side proving itself with a certificate signed by ca-cert.pem; the
     client context also checks the name it connects to (PROTOCOL_TLS_CLIENT's default)."""
     import ssl  # here: the plain copy, timed from its start, does not pay for loading it
@@ -98,11 +105,27 @@ class _Threads:
             raise self.errors[0]
 
 
-def recv(listen: str, channels: int, out: str | None, tls: str | None = None) -> int:
+def _hasher(digest: bool):
+    """term(view, offset) of a chunk, or None without --digest (xxhash loaded only then)."""
+    if not digest:
+        return None
+    import xxhash
+    h = xxhash.xxh3_128_intdigest
+    return lambda view, offset: h(view, seed=offset // CHUNK)
+
+
+def _digest(terms: list[int]) -> str:
+    return f"{sum(terms) % (1 << 128):032x}"
+
+
+def recv(listen: str, channels: int, out: str | None, tls: str | None = None,
+         digest: bool = False) -> int:
     host, port = _split(listen)
     ctx = None if tls is None else _tls_context(tls, server_side=True)
     fd = None if out is None else os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     total = [0] * channels
+    terms = [0] * channels
+    term = _hasher(digest)
 
     def serve(index: int, sock: socket.socket) -> None:
         if ctx is not None:
@@ -121,6 +144,8 @@ def recv(listen: str, channels: int, out: str | None, tls: str | None = None) ->
                 if length > CHUNK or _recv_exact(sock, buf[:length]) != length:
                     raise EOFError(f"bad or truncated chunk at offset {offset}")
                 view = buf[:length]
+                if term is not None:
+                    terms[index] += term(view, offset)
                 while fd is not None and view:
                     n = os.pwrite(fd, view, offset)
                     view, offset = view[n:], offset + n
@@ -140,16 +165,20 @@ def recv(listen: str, channels: int, out: str | None, tls: str | None = None) ->
     finally:
         if fd is not None:
             os.close(fd)
-    print(json.dumps({"bytes": sum(total), "seconds": time.perf_counter() - start}), flush=True)
+    print(json.dumps({"bytes": sum(total), "seconds": time.perf_counter() - start,
+                      "digest": _digest(terms) if digest else None}), flush=True)
     return 0
 
 
-def send(address: str, image: str, channels: int, tls: str | None = None) -> int:
+def send(address: str, image: str, channels: int, tls: str | None = None,
+         digest: bool = False) -> int:
     host, port = _split(address)
     ctx = None if tls is None else _tls_context(tls, server_side=False)
     fd = os.open(image, os.O_RDONLY)
     size = os.fstat(fd).st_size
     total = [0] * channels
+    terms = [0] * channels
+    term = _hasher(digest)
     start = time.perf_counter()
     # Connect all first, then each thread does its own TLS handshake, if any.
     socks = [socket.create_connection((host, port)) for _ in range(channels)]
@@ -170,6 +199,8 @@ def send(address: str, image: str, channels: int, tls: str | None = None) -> int
                     if n == 0:
                         raise EOFError(f"{image} shrank while being read")
                     got += n
+                if term is not None:
+                    terms[index] += term(buf[HEADER.size:HEADER.size + length], offset)
                 HEADER.pack_into(buf, 0, offset, length)
                 sock.sendall(buf[:HEADER.size + length])
                 total[index] += length
@@ -187,7 +218,8 @@ def send(address: str, image: str, channels: int, tls: str | None = None) -> int
         threads.join()
     finally:
         os.close(fd)
-    print(json.dumps({"bytes": sum(total), "seconds": time.perf_counter() - start}), flush=True)
+    print(json.dumps({"bytes": sum(total), "seconds": time.perf_counter() - start,
+                      "digest": _digest(terms) if digest else None}), flush=True)
     return 0
 
 
@@ -202,21 +234,23 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--discard", action="store_true", help="receive, write nothing")
     r.add_argument("--tls", metavar="DIR", help="mutual TLS 1.3 with DIR's server-cert.pem, "
                    "server-key.pem and ca-cert.pem")
+    r.add_argument("--digest", action="store_true", help="hash every chunk (XXH3-128)")
     s = sub.add_parser("send", help="send IMAGE over N connections")
     s.add_argument("address", metavar="HOST:PORT")
     s.add_argument("image", metavar="IMAGE")
     s.add_argument("--channels", type=int, default=4, metavar="N", help="connections (default 4)")
     s.add_argument("--tls", metavar="DIR", help="mutual TLS 1.3 with DIR's client-cert.pem, "
                    "client-key.pem and ca-cert.pem")
+    s.add_argument("--digest", action="store_true", help="hash every chunk (XXH3-128)")
     args = p.parse_args(argv)
     if args.channels < 1:
         p.error("--channels must be at least 1")
     try:
         if args.cmd == "send":
-            return send(args.address, args.image, args.channels, args.tls)
+            return send(args.address, args.image, args.channels, args.tls, args.digest)
         if args.discard == (args.out is not None):
             p.error("give either OUT or --discard")
-        return recv(args.listen, args.channels, args.out, args.tls)
+        return recv(args.listen, args.channels, args.out, args.tls, args.digest)
     except (OSError, EOFError, ValueError) as exc:
         print(f"rawcopy {args.cmd}: {exc}", file=sys.stderr, flush=True)
         return 1
