@@ -17,8 +17,6 @@ from . import args as A
 from . import cli, tls
 from .address import format_address, parse_address
 from .image import check_output_path
-from .qemu.blocks import check_output_dir
-from .qemu.capture import receive_qemu
 from .recv import open_listeners, receive_image
 from .side import Side
 
@@ -83,6 +81,11 @@ class _QemuReport:
         return "\n".join(lines)
 
 
+def _check_output_dir(path: str) -> None:
+    from .qemu.blocks import check_output_dir
+    check_output_dir(path)
+
+
 def _qemu_failed(error: str) -> str:
     """A failed capture in --json: what failed, without the transport's image fields."""
     return json.dumps({"side": "receiver", "ok": False, "error": error}, sort_keys=True)
@@ -99,6 +102,8 @@ async def _serve(host: str, port: int, args, credentials, faults, completed: lis
         _log(f"listening on {format_address(bound[0], bound[1])}")
         if args.qemu is not None:
             side = Side("receiver", cli.timeouts_from(args), credentials, faults, _log)
+            from .qemu.capture import receive_qemu  # only --qemu pays for loading it
+
             manifest = await receive_qemu(
                 listeners, args.qemu, side=side, uuid=args.qemu_uuid,
                 channels=args.qemu_channels,
@@ -136,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                         functools.partial(check_output_path, args.output))
     if args.qemu is not None:
         cli.usage_guard(PROG, args.json, "receiver",
-                        functools.partial(check_output_dir, args.qemu))
+                        functools.partial(_check_output_dir, args.qemu))
     if args.tls_allow_client and args.tls is None:
         parser.error("--tls-allow-client needs --tls")
     credentials = None if args.tls is None else cli.usage_guard(
