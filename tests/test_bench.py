@@ -90,6 +90,8 @@ def test_each_point_runs_multifd_beside_its_copier_and_iperf3_once_per_channel_c
     for i, (case, point) in enumerate(todo):
         if case == "multifd":
             assert todo[i + 1] == ("copier", point)
+            # The copier that imports trio first, for the random image only.
+            assert (todo[i + 2:i + 3] == [("copier+trio", point)]) is (point.image == "random")
     assert bench.jobs(parse("--skip-iperf"))[0][0] == "multifd"
 
 
@@ -171,7 +173,7 @@ def test_the_table_has_a_row_per_point_and_a_line_per_goal():
     r.update(size=SIZE, repeat=3, cpu="Some CPU")
     text = bench.table(r)
     assert text.splitlines()[0].startswith("multifd-bench: 1 GiB images, Some CPU, median of 3")
-    assert "| random | file | 4 | off | 2.00 | 2.10 | 0.95 | 4.00 | 0.50 | – |" in text
+    assert "| random | file | 4 | off | 2.00 | 2.10 | 0.95 | – | 4.00 | 0.50 | – |" in text
     assert "| mixed / random | >= 1.8 | PASS | 1.9 at mixed file N=4 |" in text
     assert "| multifd / copier, random, discard | >= 0.95 | MISS | 0.909 at random discard " \
            "N=4 |" in text
@@ -198,7 +200,11 @@ def test_a_small_matrix_end_to_end_with_json_and_plot(tmp_path):
     assert {p["iperf3_gbps"] is not None for p in r["points"]} == {True}
     # The table went to stdout, one row per point, and the progress to stderr.
     assert done.stdout.count("\n| random |") + done.stdout.count("\n| zero |") == 16
-    assert "[1/" in done.stderr and f"[{2 * (2 + 16 * 2)}/" in done.stderr
+    # Per repeat: iperf3 for each of 2 channel counts, 2 cases for each of 16 points, and
+    # the copier+trio for the 8 random ones.
+    assert "[1/" in done.stderr and f"[{2 * (2 + 16 * 2 + 8)}/" in done.stderr
+    random = [p for p in r["points"] if p["image"] == "random"]
+    assert all(p["copier_trio_gbps"] > 0 and p["vs_copier_trio"] > 0 for p in random)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The images stay cached (and are reused: same files), nothing else is left behind.
     cached = sorted(os.listdir(tmp_path / "cache"))

@@ -6,7 +6,9 @@
 Every point of the matrix (channels x TLS x image x mode) runs a real `multifd-recv` and
 `multifd-send` on 127.0.0.1 (case `multifd`), and beside it the minimal copier shipped here
 (case `copier`: multifd.tools.rawcopy, threads and sockets, the same XXH3 digest work, the same
-TLS); each channel count also runs `iperf3 -P N -l 512K` (raw TCP, plain). Each run is timed
+TLS), and for the random image the copier once more after importing trio (case `copier+trio`:
+the start-up multifd cannot do without, as the design is trio's structured concurrency); each
+channel count also runs `iperf3 -P N -l 512K` (raw TCP, plain). Each run is timed
 as the whole sender process from spawn to exit (start-up, handshakes and the final
 verification count, as they do for a user), with the CPU seconds (wait4) and the peak
 anonymous memory (RssAnon) of each process. Repeats interleave the runs, the order reversed
@@ -59,6 +61,12 @@ from .mkimage import KINDS, write_image
 PROG = "multifd-bench"
 MODES = ("file", "discard")
 CASES = ("multifd", "copier")
+# The copier again, but paying first for the start-up multifd cannot do without: importing
+# trio (structured concurrency is the design). Run for the random image, where the copier
+# ratios are judged: the ratio to it shows what is left once that fixed cost is equal.
+TRIO_COPIER = "copier+trio"
+_TRIO_PRELUDE = ("import trio, sys; from multifd.tools.rawcopy import main; "
+                 "sys.exit(main(sys.argv[1:]))")
 GIB = 1 << 30
 MIB = 1 << 20
 # (name, what it judges, least value): the issue's targets, judged per point in one run.
@@ -189,7 +197,8 @@ class Bench:
             self.prime()
         self.drop_outputs()
         try:
-            result = (self.case_multifd if case == "multifd" else self.case_copier)(point)
+            result = self.case_multifd(point) if case == "multifd" else \
+                self.case_copier(point, trio=case == TRIO_COPIER)
             if file and not self.output_identical(point.image):
                 raise BenchError("the output differs from the image")
             return result
@@ -220,8 +229,9 @@ class Bench:
                 raise BenchError(f"multifd reports disagree: {reports}")
             return _stats(srv, cln)
 
-    def case_copier(self, point: Point) -> dict:
-        raw = [sys.executable, "-m", "multifd.tools.rawcopy"]
+    def case_copier(self, point: Point, trio: bool = False) -> dict:
+        raw = [sys.executable, *(["-c", _TRIO_PRELUDE] if trio else
+                                 ["-m", "multifd.tools.rawcopy"])]
         common = ["--channels", str(point.channels), "--digest", *self._secure(point)]
         server = ("copier recv", raw + ["recv", "--listen", "127.0.0.1:0", *common,
                                         *self._into(point)])
@@ -275,7 +285,7 @@ def jobs(args) -> list[tuple[str, Point]]:
         for tls in args.tls:
             for image in args.image:
                 for mode in args.mode:
-                    for case in CASES:
+                    for case in CASES + ((TRIO_COPIER,) if image == "random" else ()):
                         out.append((case, Point(n, tls, image, mode)))
     return out
 
@@ -310,12 +320,15 @@ def summarize(size: int, runs: dict, errors: dict) -> dict:
         if case != "multifd":
             continue
         ours, copier = gbps("multifd", point), gbps("copier", point)
+        trio_copier = gbps(TRIO_COPIER, point)
         iperf = gbps("iperf3", Point(point.channels, False, "-", "-"))
         random = gbps("multifd", Point(point.channels, point.tls, "random", point.mode))
         entry = results.get(key("multifd", point), {})
         rows.append({**asdict(point), "multifd_gbps": ours, "copier_gbps": copier,
                      "iperf3_gbps": iperf,
-                     "vs_copier": _ratio(ours, copier), "vs_iperf3": _ratio(ours, iperf),
+                     "copier_trio_gbps": trio_copier, "vs_copier": _ratio(ours, copier),
+                     "vs_copier_trio": _ratio(ours, trio_copier),
+                     "vs_iperf3": _ratio(ours, iperf),
                      "vs_random": None if point.image == "random" else _ratio(ours, random),
                      **{k: entry.get(k) for k in ("sender_cpu_s", "receiver_cpu_s",
                                                   "sender_rss_mib", "receiver_rss_mib")}})
@@ -375,9 +388,9 @@ def table(result: dict) -> str:
     r = result
     lines = [f"{PROG}: {r['size'] / GIB:g} GiB images, {r['cpu']}, median of {r['repeat']} "
              f"run(s); GB/s = 1e9 image bytes a second over the whole sender run", "",
-             "| image | mode | N | TLS | multifd GB/s | copier GB/s | x copier | iperf3 GB/s "
-             "| x iperf3 | x random | CPU s send/recv | RssAnon MiB send/recv |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| image | mode | N | TLS | multifd GB/s | copier GB/s | x copier | x copier+trio "
+             "| iperf3 GB/s | x iperf3 | x random | CPU s send/recv | RssAnon MiB send/recv |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in r["points"]:
         cpu = (f"{p['sender_cpu_s']:.2f} / {p['receiver_cpu_s']:.2f}"
                if p["sender_cpu_s"] is not None else "–")
@@ -386,6 +399,7 @@ def table(result: dict) -> str:
         lines.append(f"| {p['image']} | {p['mode']} | {p['channels']} | "
                      f"{'on' if p['tls'] else 'off'} | {_fmt(p['multifd_gbps'])} | "
                      f"{_fmt(p['copier_gbps'])} | {_fmt(p['vs_copier'])} | "
+                     f"{_fmt(p['vs_copier_trio'])} | "
                      f"{_fmt(p['iperf3_gbps'])} | {_fmt(p['vs_iperf3'])} | "
                      f"{_fmt(p['vs_random'])} | {cpu} | {rss} |")
     failed = [(k, e["error"]) for k, e in r["results"].items() if not e.get("ok")]
