@@ -362,13 +362,16 @@ def _goals(rows: list[dict], qemu: list[dict] | None = None) -> list[dict]:
            judged("multifd / copier, random, file",
                   [(label(r), r["vs_copier"]) for r in rows
                    if r["image"] == "random" and r["mode"] == "file"])]
+    against_qemu: dict[bool, list] = {False: [], True: []}  # TLS or not: (where, ratio)
     for q in qemu or ():
         ours = next((r["multifd_gbps"] for r in rows if r["image"] == "mixed"
                      and r["mode"] == "file" and r["channels"] == q["channels"]
                      and r["tls"] == q["tls"]), None)
         theirs = q["cases"].get("qemu-dst", {}).get("gb_per_s")
-        name = "multifd / QEMU dst, TLS" if q["tls"] else "multifd / QEMU dst, file"
-        out.append(judged(name, [(f"N={q['channels']}", _ratio(ours, theirs))]))
+        against_qemu[q["tls"]].append((f"N={q['channels']}", _ratio(ours, theirs)))
+    if qemu:
+        out.append(judged("multifd / QEMU dst, file", against_qemu[False]))
+        out.append(judged("multifd / QEMU dst, TLS", against_qemu[True]))
     memory = [(f"{r['image']} {r['mode']} N={r['channels']}{' TLS' if r['tls'] else ''}",
                max(r["sender_rss_mib"], r["receiver_rss_mib"])) for r in rows
               if r["sender_rss_mib"] is not None]

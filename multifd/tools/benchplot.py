@@ -45,8 +45,10 @@ def plot(result: dict, path: str) -> None:
         ax.set_xlabel("channels")
         ax.set_ylabel("GB/s (1e9 image bytes/s, whole sender run)")
         ax.set_xscale("log", base=2)
+        counts = sorted({p["channels"] for p in points})
+        ax.set_xticks(counts, [str(n) for n in counts])
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6, ncol=2)
     if result.get("live"):
         ax = axes[len(modes)]
         for live in result["live"]:
