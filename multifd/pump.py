@@ -274,8 +274,9 @@ class BlockReceiver:
                 zero = self._receive_pages(h, runs, block, length)
             else:
                 zero = self._payload(h, runs)
-                whole_zero = len(runs) == 1 and runs[0][2] == RunKind.ZERO
-                self._check(h, self.terms.take(None if whole_zero else self.view[:length],
+                # A block of zeros (however many zero runs it came in) has the term 0.
+                all_zero = zero == self.session.block_page_count(block)
+                self._check(h, self.terms.take(None if all_zero else self.view[:length],
                                                block))
                 self.arrivals.arrived(block, round)
                 self._write(h, runs, length)

@@ -373,3 +373,18 @@ def test_next_data_finds_the_holes_of_a_sparse_file(tmp_path):
     with SourceImage(str(path)) as source:  # (ext4 and tmpfs know their holes to the page)
         assert source.next_data(0) == source.next_data(40 << 20) == 40 << 20
         assert source.next_data((40 << 20) + PAGE) == 64 << 20  # no data after it
+
+
+async def test_a_block_of_zeros_in_several_zero_runs_still_has_term_0(image, links):
+    session = image.session
+    tx, rx = links()
+    receiver = BlockReceiver(rx, session, None, LastRoundWins(session.nblocks))
+    runs = ((0, 1, wire.RunKind.ZERO), (1, 3, wire.RunKind.ZERO))
+    packet = wire.encode_packet(wire.PacketKind.PAGES, seq=0, round=0,
+                                offset=session.block_bytes, runs=runs, page_size=PAGE,
+                                flags=wire.FLAG_DIGEST | wire.FLAG_FULL_BLOCK, digest=bytes(16))
+    tx.send_all(packet + wire.encode_packet(wire.PacketKind.SYNC, seq=1, round=0))
+    with trio.fail_after(5):
+        marker = await rx.run(Stage.DATA, receiver.receive_round, 0)
+    assert marker.kind is wire.PacketKind.SYNC
+    assert receiver.terms.terms[1] == 0 and receiver.counters.zero_pages == BLOCK_PAGES
