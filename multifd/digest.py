@@ -9,8 +9,9 @@ image has a hole; the image's short last page is hashed as it is). The sum depen
 image's content only, as long as the sender classifies pages by content, as ours does: the
 receiver takes what comes as data as data. Both are 16 bytes big-endian. Each term is
 computed where the bytes are already hot (just read on the sender, just received on the
-receiver); the sum does not depend on the order in which channels deliver. A missing,
-duplicated or corrupted block or page changes the sum.
+receiver); the sum does not depend on the order in which channels deliver. A corrupted block or
+page changes the sum; a missing or duplicated one is caught by the arrival checks
+(pump.LastRoundWins).
 
 Each side keeps a table of the last term of every block (BlockTerms) or page (PageTerms, 8
 bytes a page: 2 MiB for 1 GiB of 4 KiB pages): a block or page sent again replaces its term,

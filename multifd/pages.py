@@ -9,8 +9,8 @@ runs times log(run length), not with the number of pages. Only pathological data
 pages that start with a zero word but are not zero, costs a step per such page.
 
 The source is a memoryview: of a bytearray, or of the sender's mmap of the image, which is
-scanned and sent without being copied. The image's partial last page is zero only as part of
-a zero run that reaches it; alone it is sent as data (its bytes are zero either way).
+scanned and sent without being copied. The image's partial last page, when all its bytes are
+zero, is a zero page like any other (checked on its own: no first word gathers it).
 """
 
 from __future__ import annotations
@@ -82,5 +82,11 @@ class PageScanner:
             data_start = first + good
             pos = data_start * 8
         if data_start < npages:
-            runs.append((data_start, npages - data_start, RunKind.DATA))
+            if full < npages and zero(full, 1):  # the short last page, all zero
+                if full > data_start:
+                    runs.append((data_start, full - data_start, RunKind.DATA))
+                runs.append((full, 1, RunKind.ZERO))
+                zero_pages += 1
+            else:
+                runs.append((data_start, npages - data_start, RunKind.DATA))
         return tuple(runs), zero_pages

@@ -59,6 +59,7 @@ def test_lists_parse_in_order_without_repeats():
     (["--mode", "file,tape"], "tape not in file, discard"),
     (["--channels", "0"], "--channels must be in 1..64"),
     (["--channels", ","], "empty list"),
+    (["--channels", "1,abc"], "'1,abc': a comma-separated list"),
 ])
 def test_bad_lists_are_one_line_errors(tmp_path, argv, said):
     done = run_bench(tmp_path, *argv, *dirs(tmp_path), timeout=30)
@@ -270,3 +271,13 @@ def test_sigterm_mid_run_removes_the_credentials_outputs_and_processes(tmp_path)
     for pid in children:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_unwritable_output_paths_are_refused_before_any_run(tmp_path):
+    for option, path in (("--json", str(tmp_path)), ("--json", "/nonexistent/r.json"),
+                         ("--plot", "/nonexistent/r.png")):
+        done = run_bench(tmp_path, option, path, *dirs(tmp_path), timeout=30)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip() == (f"multifd-bench: error: {option} {path}: not a file "
+                                       f"that can be written here (see --help)"), done.stderr
+        assert os.listdir(tmp_path / "cache") == []  # refused before any image was made

@@ -40,7 +40,7 @@ PATTERN = ["DZDZ", "ZZZZ", "HDDD", "ZDDZ", "DZZD", "ZZDD"]
 TAILS = {
     "data": ("DZ", "D", 0),  # (full pages, tail kind, tail counted as zero)
     "zero-after-zero": ("DZ", "Z", 1),  # zero as part of a zero run that reaches it
-    "zero-alone": ("ZD", "Z", 0),  # alone it travels as data
+    "zero-alone": ("ZD", "Z", 1),  # alone after data: a zero page all the same
 }
 
 
@@ -388,3 +388,31 @@ async def test_a_block_of_zeros_in_several_zero_runs_still_has_term_0(image, lin
         marker = await rx.run(Stage.DATA, receiver.receive_round, 0)
     assert marker.kind is wire.PacketKind.SYNC
     assert receiver.terms.terms[1] == 0 and receiver.counters.zero_pages == BLOCK_PAGES
+
+
+async def test_a_last_block_of_only_a_short_zero_page_has_term_0_written_or_sparse(links,
+                                                                                   tmp_path):
+    # The digest is the content's: written zeros and a hole give the same term (0).
+    digests = []
+    for sparse in (False, True):
+        path = tmp_path / f"img-{sparse}"
+        with open(path, "wb") as f:
+            f.write(random.Random(3).randbytes(BLOCK_PAGES * PAGE))
+            if sparse:
+                f.truncate(BLOCK_PAGES * PAGE + 100)
+            else:
+                f.write(bytes(100))
+        session = wire.Session(BLOCK_PAGES * PAGE + 100, PAGE, BLOCK_PAGES)
+        tx, rx = links()
+        with SourceImage(str(path)) as source:
+            sender = BlockSender(tx, source, session)
+            receiver = BlockReceiver(rx, session, None, LastRoundWins(session.nblocks))
+            with trio.fail_after(5):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_send, sender, [(0, session.nblocks)])
+                    nursery.start_soon(_receive, receiver, [])
+        assert sender.terms.terms[1] == receiver.terms.terms[1] == 0
+        digests.append(totals([sender])[0].digest())
+    data = path.read_bytes()
+    reference = image_digest([(0, data[:BLOCK_PAGES * PAGE]), (1, data[BLOCK_PAGES * PAGE:])])
+    assert digests == [reference, reference]

@@ -5,8 +5,8 @@
 
 Every point of the matrix (channels x TLS x image x mode) runs a real `multifd-recv` and
 `multifd-send` on 127.0.0.1 (case `multifd`), and beside it the minimal copier shipped here
-(case `copier`: multifd.tools.rawcopy, threads and sockets, the same XXH3 digest work, the same
-TLS), and for the random image the copier once more after importing trio (case `copier+trio`:
+(case `copier`: multifd.tools.rawcopy, threads and sockets, the same XXH3 digest work for the
+random image (it hashes zero chunks too: for the other images it does more), the same TLS), and for the random image the copier once more after importing trio (case `copier+trio`:
 the start-up multifd cannot do without, as the design is trio's structured concurrency); each
 channel count also runs `iperf3 -P N -l 512K` (raw TCP, plain). Each run is timed
 as the whole sender process from spawn to exit (start-up, handshakes and the final
@@ -95,7 +95,10 @@ class Point:
 def _list(kind, choices=None):
     """An argparse type: a comma-separated list of `kind`, each among `choices`."""
     def parse(text: str) -> list:
-        items = [kind(t.strip()) for t in text.split(",") if t.strip()]
+        try:
+            items = [kind(t.strip()) for t in text.split(",") if t.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: a comma-separated list") from None
         if not items:
             raise argparse.ArgumentTypeError("empty list")
         bad = [i for i in items if choices is not None and i not in choices]
@@ -389,7 +392,8 @@ def _fmt(value: float | None, spec: str = ".2f", suffix: str = "") -> str:
 
 def table(result: dict) -> str:
     r = result
-    lines = [f"{PROG}: {r['size'] / GIB:g} GiB images, {r['cpu']}, median of {r['repeat']} "
+    size = f"{r['size'] / GIB:g} GiB" if r["size"] >= GIB else f"{r['size'] / MIB:g} MiB"
+    lines = [f"{PROG}: {size} images, {r['cpu']}, median of {r['repeat']} "
              f"run(s); GB/s = 1e9 image bytes a second over the whole sender run", "",
              "| image | mode | N | TLS | multifd GB/s | copier GB/s | x copier | x copier+trio "
              "| iperf3 GB/s | x iperf3 | x random | CPU s send/recv | RssAnon MiB send/recv |",
@@ -501,6 +505,12 @@ def _check(parser, args) -> None:
     if args.plot:
         if importlib.util.find_spec("matplotlib") is None:
             parser.error("--plot needs matplotlib (pip install multifd[plot])")
+    # Checked before the runs: a path that cannot be written must not cost a whole matrix.
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path and path != "-":
+            parent = os.path.dirname(os.path.abspath(path))
+            if os.path.isdir(path) or not os.access(parent, os.W_OK | os.X_OK):
+                parser.error(f"{option} {path}: not a file that can be written here")
     if args.live_rates:
         from . import livebench
         try:
@@ -563,17 +573,25 @@ def _run_extras(bench: Bench, args, result: dict) -> bool:
     return failed
 
 
-def _write(args, result: dict) -> None:
-    if args.json and args.json != "-":
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    if args.json == "-":
-        print(json.dumps(result, indent=1), flush=True)
-    else:
-        print(table(result), flush=True)
+def _write(args, result: dict) -> bool:
+    """The table (or JSON) on stdout first, then the files; returns whether all went out."""
+    print(json.dumps(result, indent=1) if args.json == "-" else table(result), flush=True)
+    ok = True
+    try:
+        if args.json and args.json != "-":
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+    except OSError as exc:
+        _log(f"--json {args.json}: {exc.strerror or exc}")
+        ok = False
     if args.plot:
         from .benchplot import plot
-        plot(result, args.plot)
+        try:
+            plot(result, args.plot)
+        except OSError as exc:
+            _log(f"--plot {args.plot}: {exc.strerror or exc}")
+            ok = False
+    return ok
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -606,8 +624,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if sigterm is not None:
                 signal.signal(signal.SIGTERM, sigterm)
-    _write(args, result)
-    return 1 if failed else 0
+    written = _write(args, result)
+    return 1 if failed or not written else 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ own CPU time, and each watched for its peak anonymous memory (RssAnon in /proc, 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import re
@@ -21,6 +22,11 @@ SAMPLE = 0.01  # seconds between two reads of RssAnon
 
 class BenchError(Exception):
     pass
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL it when the bench dies, even by SIGKILL."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
 
 
 def rss_anon(pid: int) -> int:
@@ -44,11 +50,16 @@ class Child:
         self.out = tempfile.TemporaryFile()
         self.err = tempfile.TemporaryFile()
         self.start = time.perf_counter()
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.out,
-                                     stderr=self.err)
-        self.pidfd = os.pidfd_open(self.proc.pid)
         self.seconds = self.cpu = None
         self.peak_rss = 0
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.out,
+                                     stderr=self.err, preexec_fn=_die_with_parent)
+        try:
+            self.pidfd = os.pidfd_open(self.proc.pid)
+        except BaseException:  # (^C included) the child must not outlive this
+            self.proc.kill()
+            self.proc.wait()
+            raise
 
     def sample(self) -> None:
         if self.proc.returncode is None:
