@@ -109,6 +109,17 @@ def _read(path) -> bytes:
         return f.read()
 
 
+async def _whole_image(tx, rx, source, session, output=None):
+    """Every block of `source` through one channel in round 0; returns (sender, receiver)."""
+    sender = BlockSender(tx, source, session)
+    receiver = BlockReceiver(rx, session, output, LastRoundWins(session.nblocks))
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_send, sender, [(0, session.nblocks)])
+            nursery.start_soon(_receive, receiver, [])
+    return sender, receiver
+
+
 @pytest.mark.parametrize("image", list(TAILS), indirect=True)
 async def test_two_channels_deliver_the_image_whole(image, links, tmp_path):
     session = image.session
@@ -325,12 +336,7 @@ async def test_a_block_of_zeros_has_term_0_on_both_sides(image, links):
     session = image.session
     tx, rx = links()
     with SourceImage(image.path) as source:
-        sender = BlockSender(tx, source, session)
-        receiver = BlockReceiver(rx, session, None, LastRoundWins(session.nblocks))
-        with trio.fail_after(5):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_send, sender, [(0, session.nblocks)])
-                nursery.start_soon(_receive, receiver, [])
+        sender, receiver = await _whole_image(tx, rx, source, session)
     assert sender.terms.terms[1] == receiver.terms.terms[1] == 0
     assert all(sender.terms.terms[b] for b in range(session.nblocks) if b != 1)
     assert sender.terms.terms == receiver.terms.terms
@@ -351,12 +357,7 @@ async def test_blocks_in_a_hole_go_as_zero_without_being_read(image, links, tmp_
     tx, rx = links()
     out = tmp_path / "out.img"
     with _AllHoles(image.path) as source, OutputFile(str(out), session.image_size) as output:
-        sender = BlockSender(tx, source, session)
-        receiver = BlockReceiver(rx, session, output, LastRoundWins(session.nblocks))
-        with trio.fail_after(5):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_send, sender, [(0, session.nblocks)])
-                nursery.start_soon(_receive, receiver, [])
+        sender, receiver = await _whole_image(tx, rx, source, session, output)
         output.publish()
     # The file holds data, but what a hole holds is zero: so was what went.
     assert _read(out) == bytes(len(image.data))
@@ -405,12 +406,7 @@ async def test_a_last_block_of_only_a_short_zero_page_has_term_0_written_or_spar
         session = wire.Session(BLOCK_PAGES * PAGE + 100, PAGE, BLOCK_PAGES)
         tx, rx = links()
         with SourceImage(str(path)) as source:
-            sender = BlockSender(tx, source, session)
-            receiver = BlockReceiver(rx, session, None, LastRoundWins(session.nblocks))
-            with trio.fail_after(5):
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_send, sender, [(0, session.nblocks)])
-                    nursery.start_soon(_receive, receiver, [])
+            sender, receiver = await _whole_image(tx, rx, source, session)
         assert sender.terms.terms[1] == receiver.terms.terms[1] == 0
         digests.append(totals([sender])[0].digest())
     data = path.read_bytes()
