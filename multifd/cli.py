@@ -81,9 +81,12 @@ def progress_printer(label: str, enabled: bool):
                 now, value = trio.current_time(), done()
                 rate = value / (now - start) if now > start else 0.0
                 width = 30
-                filled = int(width * value / total) if total else width
+                # A live migration sends more than the image: the bar stays full after
+                # round 0, and the bytes go on counting.
+                share = min(1.0, value / total) if total else 1.0
+                filled = int(width * share)
                 sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] "
-                                 f"{100 * value / total:5.1f}% {human_bytes(value)} "
+                                 f"{100 * share:5.1f}% {human_bytes(value)} "
                                  f"{rate / 1e9:.2f} GB/s ")
                 sys.stderr.flush()
                 await trio.sleep(0.2)

@@ -79,3 +79,39 @@ def test_running_a_migration_leaves_the_collector_as_it_was():
 
     assert _run(main) == 0
     assert (gc.get_freeze_count(), gc.isenabled()) == (frozen, enabled)
+
+
+class _Terminal:
+    """A stderr that says it is a terminal and keeps what is written to it."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> None:
+        self.text += text
+
+    def flush(self) -> None:
+        pass
+
+
+def test_the_progress_bar_stays_full_when_a_live_migration_sends_more_than_the_image(
+        monkeypatch):
+    import trio
+    import trio.testing
+
+    from multifd import cli
+    terminal = _Terminal()
+    monkeypatch.setattr(cli.sys, "stderr", terminal)
+    progress = cli.progress_printer("sending", True)
+
+    async def main() -> None:
+        with trio.move_on_after(0.3):  # a round 0 of 1 MiB, then another half of it
+            await progress(lambda: 3 << 19, 1 << 20)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    line = terminal.text.split("\r")[-2]
+    assert line.startswith("sending [" + "#" * 30 + "] 100.0% 1.50 MiB "), line
+    assert cli.round_printer(False) is None  # --quiet or --json: no round lines either
