@@ -55,7 +55,7 @@ qemu:
 	  qemu-system-x86 >/dev/null; }
 
 # The standard matrix, with QEMU and live precopy beside it: the table, its JSON and plots in
-# bench-results/ (about 25 minutes on a 2-core machine).
+# bench-results/ (about 10 minutes on a 2-core machine).
 BENCH_ARGS ?= --size 1G --channels 1,4,8 --tls off,on --image random,mixed,zero \
   --mode file,discard --repeat 3 --qemu --live-rates 0,100MB/s,400MB/s
 bench: venv iperf3 qemu

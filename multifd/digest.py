@@ -118,9 +118,6 @@ class PageTerms:
         seeds = chain.from_iterable(range(base + first, base + first + n)
                                     for first, n, kind in runs if kind == RunKind.DATA)
         new = array.array("Q", map(xxhash.xxh3_64_intdigest, pages, seeds))
-        if data and len(data[-1]) % p and not data[-1][-(len(data[-1]) % p):].tobytes().strip(
-                b"\0"):
-            new[-1] = 0  # the image's short last page, all zero, travels as data: still 0
         at, terms, old = 0, self.terms, 0
         for first, n, kind in runs:
             lo = base + first

@@ -21,10 +21,6 @@ class Dirty:
         self.map = map
         self.block_pages = block_pages
 
-    @classmethod
-    def everything(cls, npages: int, block_pages: int) -> "Dirty":
-        return cls(b"\x01" * npages, block_pages)
-
     @property
     def count(self) -> int:
         return self.map.count(1)

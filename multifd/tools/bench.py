@@ -44,7 +44,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import sys
 import tempfile
@@ -55,7 +54,8 @@ from .. import args as cliargs
 from .. import units, wire
 from ..errors import UsageError
 from . import certs
-from .benchproc import BenchError, pair, stderr_port, tcp_listening, tool, unlink
+from .benchproc import (BenchError, cpu_model, free_port, pair, stderr_port, tcp_listening,
+                        tool, unlink)
 from .mkimage import KINDS, write_image
 
 PROG = "multifd-bench"
@@ -250,9 +250,7 @@ class Bench:
     def case_iperf3(self, channels: int) -> dict:
         if self.iperf3 is None:
             raise BenchError("iperf3 is not installed (make bench installs it)")
-        with socket.socket() as s:  # a free port: iperf3 cannot pick one and tell us
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         server = ("iperf3 -s", [self.iperf3, "-s", "-1", "-B", "127.0.0.1", "-p", str(port)])
         client = ("iperf3 -c", lambda _: [
             self.iperf3, "-c", "127.0.0.1", "-p", str(port), "-P", str(channels),
@@ -598,7 +596,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check(parser, args)
-    from .qemubench import cpu_model
     bench = Bench(args)
     # Only where signal handlers can be set (main() may be called from a thread).
     sigterm = (signal.signal(signal.SIGTERM, _on_sigterm)

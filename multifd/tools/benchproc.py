@@ -9,8 +9,10 @@ import contextlib
 import ctypes
 import json
 import os
+import platform
 import re
 import select
+import socket
 import subprocess
 import sys
 import tempfile
@@ -147,6 +149,24 @@ def pair(server: tuple, ready, client: tuple, timeout: float):
     finally:
         for child in children:
             child.close()
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 now, for a program that cannot pick one and tell us."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def stderr_port(server: Child) -> int | None:

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
 
 from .. import units
+from .benchproc import LISTENING
 from .mkimage import write_image
 
-LISTENING = re.compile(r"listening on (\S+):(\d+)")
 
 
 def parse_rates(text: str) -> list[float]:

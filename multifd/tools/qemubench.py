@@ -24,39 +24,19 @@ guest RAM (decimal GB) over total-time.
 from __future__ import annotations
 
 import os
-import platform
-import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
+from .benchproc import LISTENING, cpu_model, free_port
 from .mkimage import write_image
 from .qemu import Guest, QemuError
 
 CASES = ("qemu-dst", "qemu-dst-prealloc", "multifd-recv", "qemucopy")
 IMAGE_ADDR = 0x1000000
-LISTENING = re.compile(r"listening on (\S+):(\d+)")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class QemuBench:
@@ -90,7 +70,7 @@ class QemuBench:
                 return {"skipped": "qemucopy has no TLS"}
             return self._into_receiver(["-m", "multifd.tools.qemucopy", "--listen",
                                         "127.0.0.1:0"])
-        port = _free_port()
+        port = free_port()
         with self._source() as source, Guest(mem=f"{self.size >> 20}M", incoming=True,
                                              mem_prealloc=case.endswith("prealloc"),
                                              tls_dir=self.tls_dir) as dst:
