@@ -49,13 +49,17 @@ iperf3:
 # A real QEMU for the tests that migrate one (multifd.tools.qemu). All it opens for them comes
 # from hard dependencies (seabios: bios-256k.bin; qemu-system-data: kvmvapic.bin;
 # qemu-system-common: the TCG module); the Recommends (GUI, audio, block drivers, OVMF) are unused.
+# binutils assembles the live benchmark's guest (multifd/tools/dirtyguest.S) for the test that
+# checks the bytes multifd ships against it.
 qemu:
 	@command -v qemu-system-x86_64 >/dev/null || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	  qemu-system-x86 >/dev/null; }
+	@command -v as >/dev/null && command -v ld >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq binutils >/dev/null; }
 
-# The standard matrix, with QEMU and live precopy beside it: the table, its JSON and plots in
-# bench-results/ (about 10 minutes on a 2-core machine).
+# The standard matrix, with QEMU and live precopy (multifd's and QEMU's) beside it: the table,
+# its JSON and plots in bench-results/ (about 11 minutes on a 2-core machine).
 BENCH_ARGS ?= --size 1G --channels 1,4,8 --tls off,on --image random,mixed,zero \
   --mode file,discard --repeat 3 --qemu --live-rates 0,100MB/s,400MB/s
 bench: venv iperf3 qemu

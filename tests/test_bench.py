@@ -153,6 +153,27 @@ def test_goals_pass_miss_or_did_not_run():
         {"where": "zero file N=4", "value": 2.5, "pass": False}]
 
 
+def test_against_qemu_on_both_clocks():
+    # mixed into a file at N=4: 3.8 GB/s over the whole sender run, its own clock 0.2 s
+    # (5.37 GB/s); QEMU's destination 4.0 GB/s by its total-time
+    r = summary()
+    runs = {("multifd", Point(4, False, "mixed", "file")):
+            [{**run(SIZE / 3.8e9), "transfer_seconds": 0.2}] * 3}
+    mixed = bench.summarize(SIZE, runs, {})["points"][0]
+    assert mixed["transfer_gbps"] == pytest.approx(SIZE / 0.2e9)
+    qemu = [{"channels": 4, "tls": False, "cases": {"qemu-dst": {"gb_per_s": 4.0}}},
+            {"channels": 4, "tls": True, "cases": {"qemu-dst": {"gb_per_s": 1.0}}}]
+    goals = {g["goal"]: g for g in bench._goals([mixed], qemu)}
+    assert goals["multifd / QEMU dst, file"]["values"] == [
+        {"where": "N=4", "value": 0.95, "pass": False}]
+    assert goals["multifd / QEMU dst, file, transfer clock"]["values"] == [
+        {"where": "N=4", "value": round(SIZE / 0.2e9 / 4.0, 3), "pass": True}]
+    # no TLS point ran: n/a on both clocks, not a miss
+    assert goals["multifd / QEMU dst, TLS"]["pass"] is None
+    assert goals["multifd / QEMU dst, TLS, transfer clock"]["pass"] is None
+    assert r["points"][0]["transfer_gbps"] is None  # runs without the sender's report
+
+
 def test_a_failed_run_is_reported_and_its_ratios_are_missing():
     runs = {("multifd", Point(2, True, "random", "discard")): [],
             ("copier", Point(2, True, "random", "discard")): [run(1.0)]}
@@ -174,7 +195,7 @@ def test_the_table_has_a_row_per_point_and_a_line_per_goal():
     r.update(size=SIZE, repeat=3, cpu="Some CPU")
     text = bench.table(r)
     assert text.splitlines()[0].startswith("multifd-bench: 1 GiB images, Some CPU, median of 3")
-    assert "| random | file | 4 | off | 2.00 | 2.10 | 0.95 | – | 4.00 | 0.50 | – |" in text
+    assert "| random | file | 4 | off | 2.00 | – | 2.10 | 0.95 | – | 4.00 | 0.50 | – |" in text
     assert "| mixed / random | >= 1.8 | PASS | 1.9 at mixed file N=4 |" in text
     assert "| multifd / copier, random, discard | >= 0.95 | MISS | 0.909 at random discard " \
            "N=4 |" in text

@@ -1,14 +1,17 @@
 """multifd-bench --qemu (multifd.tools.qemubench) on a small guest: QEMU into a QEMU
 destination (default memory and -mem-prealloc) and into multifd-recv --qemu, plain and with
-TLS from the same credentials, timed by QEMU's own total-time."""
+TLS from the same credentials, timed by QEMU's own total-time. With --live-rates, QEMU's own
+live migration of a guest writing at each rate (multifd.tools.qemulive), beside multifd's."""
 
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
-from multifd.tools import qemubench
+from multifd.tools import benchplot, livebench, qemubench, qemulive
+from multifd.tools.mkimage import write_image
 
 
 @pytest.mark.timeout(180)
@@ -28,3 +31,63 @@ def test_qemu_side_by_side(tmp_path, pki, tls):
     assert os.listdir(tmp_path) == []  # the image and the captures are gone
     table = qemubench.table(result)
     assert ("multifd channels, TLS," in table) is tls
+
+
+# ------------------------------------------------------------------ live, QEMU beside multifd
+
+@pytest.mark.timeout(180)
+def test_live_sweep_has_qemus_own_migration_at_each_rate(tmp_path):
+    lines = []
+    result = livebench.run(32 << 20, 2, [0, 50e6], "uniform", str(tmp_path), 60, lines.append,
+                           qemu=True)
+    still, moving = result["live"]
+    for r in (still, moving):
+        assert "error" not in r, r
+        q = r["qemu"]
+        assert q["converged"] is True, q
+        assert q["seconds"] > 0 and q["downtime"] >= 0 and q["syncs"] >= 2
+        assert q["pages"] >= (32 << 20) // 4096  # the image at least, and the rest of RAM
+    assert still["qemu"]["guest_rate"] == 0 and moving["qemu"]["guest_rate"] > 0
+    assert sum("QEMU" in line for line in lines) == 2
+    table = livebench.table(result)
+    assert "| QEMU total time | QEMU downtime | QEMU syncs | QEMU guest's rate |" in table
+    rows = [line for line in table.splitlines() if line.startswith("| 50 MB/s")]
+    assert len(rows) == 1 and rows[0].count("|") == 11
+    assert os.listdir(tmp_path) == []
+    png = tmp_path / "live.png"  # QEMU's downtime drawn beside multifd's
+    benchplot.plot({"points": [], "size": 32 << 20, "cpu": "test", "live": [result]}, str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.timeout(120)
+def test_a_qemu_migration_that_cannot_converge_is_cancelled_and_said(tmp_path):
+    image = tmp_path / "image"
+    write_image(str(image), 32 << 20, "random", 1)
+    # 10 MB/s cannot carry a guest writing 100 MB/s: QEMU would go on for ever
+    result = qemulive.run(str(image), 1, 100e6, 4, max_bandwidth=10_000_000)
+    assert result["converged"] is False
+    assert result["why"] == "QEMU had not converged after 4s (cancelled)"
+    assert result["guest_rate"] == pytest.approx(100e6, rel=0.2)
+    table = livebench.table({"size": 32 << 20, "channels": 1, "pattern": "uniform", "live": [
+        {"dirty_rate": 100e6, "rounds": 3, "converged": True, "seconds": 0.5, "downtime": 0.01,
+         "receiver_downtime": 0.012, "qemu": result}]})
+    assert re.search(r"\| QEMU had not converged after 4s \(cancelled\) \| \| \| \d+ MB/s \|$",
+                     table, re.M)
+
+
+def test_qemus_guest_writes_uniformly_only(tmp_path):
+    assert livebench._qemu("unused", 1e6, 1, "hot:5%", 10) == {
+        "skipped": "QEMU's guest writes uniformly, not hot:5%"}
+
+
+def test_the_median_run_is_reported_whole():
+    runs = [{"downtime": 0.3, "seconds": 1.0}, {"error": "boom"},
+            {"downtime": 0.1, "seconds": 2.0}, {"downtime": 0.2, "seconds": 3.0}]
+    for r in runs[::2]:
+        r["converged"] = True
+    assert livebench.median_run(runs) == {"downtime": 0.2, "seconds": 3.0, "runs": 4,
+                                          "converged_runs": 2}
+    still = [{"downtime": None, "seconds": s, "converged": True} for s in (0.5, 0.4, 0.6)]
+    assert livebench.median_run(still) == {"downtime": None, "seconds": 0.5, "runs": 3,
+                                           "converged": True, "converged_runs": 3}
+    assert livebench.median_run([{"error": "a"}, {"error": "b"}]) == {"error": "a"}

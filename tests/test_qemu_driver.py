@@ -67,6 +67,18 @@ def test_a_qemu_that_does_not_answer_is_killed():
         assert gone(guest.pid) and time.monotonic() - started < 5
 
 
+def test_completed_is_awaited_until_qemu_has_its_times(monkeypatch):
+    # QEMU's migration thread says "completed" a moment before it computes total-time and
+    # downtime; a query in between reads 0 for both.
+    answers = iter([{"status": "active"}, {"status": "completed", "total-time": 0},
+                    {"status": "completed", "total-time": 0, "downtime": 0},
+                    {"status": "completed", "total-time": 812, "downtime": 31}])
+    guest = qemu.Guest.__new__(qemu.Guest)  # no QEMU: only the polling is under test
+    monkeypatch.setattr(guest, "query_migrate", lambda: next(answers), raising=False)
+    assert guest.wait_completed(timeout=5) == {"status": "completed", "total-time": 812,
+                                               "downtime": 31}
+
+
 def test_boot_sector():
     sector = qemu.boot_sector()
     assert len(sector) == 512 and sector.endswith(b"\x55\xaa")
@@ -103,7 +115,8 @@ def test_qemu_to_qemu_multifd(small_image, tmp_path, pki, tls):
             qemu.Guest(incoming=True, tls_dir=creds) as dst:
         dst.migrate_incoming(uri, channels=2, tls=tls)
         src.migrate(uri, channels=2, tls=tls)
-        done = src.wait_status("completed", timeout=40)
+        done = src.wait_completed(timeout=40)
+        assert done["total-time"] > 0
         dst.wait_status("completed", timeout=10)
         dst.pmemsave(ADDR, 16 * MIB, tmp_path / "mem")
         assert read(tmp_path / "mem") == read(small_image)

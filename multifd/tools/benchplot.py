@@ -4,7 +4,8 @@ multifd[plot]; multifd-bench says so in one line when it is missing).
 One panel per mode (file, discard): GB/s against the channel count, a line per image and TLS
 setting, with the baselines of the same run drawn as dashed reference lines (the copier for
 each image and TLS setting, iperf3). With --live-rates, a last panel: the measured downtime
-against the dirty rate, a line per channel count.
+against the dirty rate, a line per channel count (dashed: QEMU's own live migration at the same
+rates, where --qemu ran it).
 """
 
 from __future__ import annotations
@@ -51,13 +52,18 @@ def plot(result: dict, path: str) -> None:
         ax.legend(fontsize=6, ncol=2)
     if result.get("live"):
         ax = axes[len(modes)]
-        for live in result["live"]:
+        for i, live in enumerate(result["live"]):
             rows = [r for r in live["live"] if r.get("downtime") is not None]
             ax.plot([r["dirty_rate"] / 1e6 for r in rows], [r["downtime"] * 1e3 for r in rows],
-                    "o-", label=f"N={live['channels']} ({live['pattern']})")
+                    "o-", color=f"C{i}", label=f"N={live['channels']} ({live['pattern']})")
+            theirs = [r for r in live["live"] if r.get("qemu", {}).get("downtime") is not None]
+            if theirs:
+                ax.plot([r["dirty_rate"] / 1e6 for r in theirs],
+                        [r["qemu"]["downtime"] * 1e3 for r in theirs], "s--", color=f"C{i}",
+                        alpha=0.7, label=f"QEMU N={live['channels']}")
         ax.set_title("live precopy: downtime")
         ax.set_xlabel("dirty rate (MB/s)")
-        ax.set_ylabel("downtime (ms, pause to DONE)")
+        ax.set_ylabel("downtime (ms; multifd: pause to DONE, QEMU: its own)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"multifd-bench, {result['size'] / (1 << 30):g} GiB, {result['cpu']}",

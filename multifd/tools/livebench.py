@@ -2,9 +2,15 @@
 
 Each rate runs a real `multifd-recv --discard` and `multifd-send --live` over 127.0.0.1 on
 one random image, with the bench's channels, and reports what the sender's --json says:
-rounds, whether precopy converged, the total time (sender start to exit), and the downtime
+rounds, whether precopy converged, the total time (from its first connection to the
+receiver's DONE, as QEMU's total-time runs from `migrate` to completed), and the downtime
 (workload paused to the receiver's DONE; and as the receiver measured it, from the start of
 its last round to its verified commit). Rate 0 is a still guest, as a baseline.
+
+With `repeat`, each rate runs that many times and the run with the median downtime is
+reported (all its figures from that one run). With `qemu`, each rate also runs QEMU's own live migration of a guest that writes the same
+image at that rate (multifd.tools.qemulive), reported by QEMU's own clock beside it. QEMU's
+guest writes uniformly only; with another pattern its column says so.
 """
 
 from __future__ import annotations
@@ -62,31 +68,100 @@ def _one(image: str, rate: float, channels: int, pattern: str, timeout: float) -
         recv.stderr.close()
 
 
+def _qemu(image: str, rate: float, channels: int, pattern: str, timeout: float) -> dict:
+    from . import qemulive
+    from .qemu import QemuError
+    if pattern != "uniform":
+        return {"skipped": f"QEMU's guest writes uniformly, not {pattern}"}
+    try:
+        return qemulive.run(image, channels, rate, timeout)
+    except (QemuError, OSError) as exc:
+        return {"error": str(exc).splitlines()[0]}
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median downtime (the median total time where none has a downtime),
+    so that all its figures come from one run; failures count only if nothing else ran, and
+    how many runs converged is said beside it."""
+    done = [r for r in runs if "error" not in r and "skipped" not in r]
+    if not done:
+        return runs[0]
+    measured = [r for r in done if r.get("downtime") is not None] or done
+    key = "downtime" if measured[0].get("downtime") is not None else "seconds"
+    chosen = sorted(measured, key=lambda r: r[key])[(len(measured) - 1) // 2]
+    return {**chosen, "runs": len(runs),
+            "converged_runs": sum(r.get("converged") is True for r in runs)}
+
+
 def run(size: int, channels: int, rates: list[float], pattern: str, directory: str,
-        timeout: float, log) -> dict:
+        timeout: float, log, qemu: bool = False, repeat: int = 1) -> dict:
+    """Each rate `repeat` times, multifd's run and QEMU's alternating which goes first."""
     with tempfile.TemporaryDirectory(prefix="multifd-livebench-", dir=directory) as work:
         image = os.path.join(work, "image")
         write_image(image, size, "random", 1)
         results = []
         for rate in rates:
-            result = {"dirty_rate": rate, **_one(image, rate, channels, pattern, timeout)}
-            log(f"live {rate / 1e6:.0f} MB/s: {result}")
+            ours: list[dict] = []
+            theirs: list[dict] = []
+            for k in range(repeat):
+                cases = [("", ours, lambda: _one(image, rate, channels, pattern, timeout))]
+                if qemu:
+                    cases.append((", QEMU", theirs,
+                                  lambda: _qemu(image, rate, channels, pattern, timeout)))
+                for label, runs, case in (cases if k % 2 == 0 else cases[::-1]):
+                    runs.append(case())
+                    log(f"live N={channels} {rate / 1e6:.0f} MB/s{label} [{k + 1}/{repeat}]: "
+                        f"{runs[-1]}")
+            result = {"dirty_rate": rate, **median_run(ours)}
+            if qemu:
+                result["qemu"] = median_run(theirs)
             results.append(result)
-    return {"size": size, "channels": channels, "pattern": pattern, "live": results}
+    return {"size": size, "channels": channels, "pattern": pattern, "repeat": repeat,
+            "live": results}
+
+
+def _ms(seconds: float | None) -> str:
+    return "–" if seconds is None else f"{seconds * 1e3:.0f} ms"
+
+
+def _converged(r: dict) -> str:
+    if r.get("runs", 1) > 1:
+        return f"{r['converged_runs']}/{r['runs']}"
+    return "yes" if r["converged"] else "no"
+
+
+def _qemu_cells(q: dict) -> str:
+    if "error" in q or "skipped" in q:
+        return f"{'FAILED: ' + q['error'] if 'error' in q else q['skipped']} | | | |"
+    if not q["converged"]:
+        return f"{q['why']} | | | {q['guest_rate'] / 1e6:.0f} MB/s |"
+    runs = f" ({q['converged_runs']}/{q['runs']} converged)" \
+        if q.get("runs", 1) > q.get("converged_runs", 1) else ""
+    return (f"{q['seconds']:.2f} s{runs} | {_ms(q['downtime'])} | {q['syncs']} | "
+            f"{q['guest_rate'] / 1e6:.0f} MB/s |")
 
 
 def table(result: dict) -> str:
+    qemu = any("qemu" in r for r in result["live"])
+    head = ("| dirty rate | rounds | converged | total time | downtime | receiver's downtime |"
+            + (" QEMU total time | QEMU downtime | QEMU syncs | QEMU guest's rate |"
+               if qemu else ""))
     lines = [f"live precopy, {result['size'] >> 20} MiB image, {result['channels']} channels, "
-             f"{result['pattern']} writes",
-             "| dirty rate | rounds | converged | total time | downtime | receiver's downtime |",
-             "|---|---|---|---|---|---|"]
+             f"{result['pattern']} writes; of {result.get('repeat', 1)} run(s) each, the one "
+             f"with the median downtime", head, "|---" * head.count(" | ") + "|---|"]
     for r in result["live"]:
         if "error" in r:
-            lines.append(f"| {r['dirty_rate'] / 1e6:.0f} MB/s | FAILED: {r['error']} | | | | |")
-            continue
-        downtime, theirs = ("–" if t is None else f"{t * 1e3:.0f} ms"
-                            for t in (r["downtime"], r["receiver_downtime"]))
-        lines.append(f"| {r['dirty_rate'] / 1e6:.0f} MB/s | {r['rounds']} | "
-                     f"{'yes' if r['converged'] else 'no'} | {r['seconds']:.2f} s | {downtime} "
-                     f"| {theirs} |")
+            row = f"| {r['dirty_rate'] / 1e6:.0f} MB/s | FAILED: {r['error']} | | | | |"
+        else:
+            row = (f"| {r['dirty_rate'] / 1e6:.0f} MB/s | {r['rounds']} | "
+                   f"{_converged(r)} | {r['seconds']:.2f} s | "
+                   f"{_ms(r['downtime'])} | {_ms(r['receiver_downtime'])} |")
+        if qemu:
+            row += " " + _qemu_cells(r.get("qemu", {"skipped": "not run"}))
+        lines.append(row)
+    if qemu:
+        lines.append("QEMU: a QEMU source and destination, QEMU's own total-time and "
+                     "downtime (the source's stop to the migration's end); syncs: dirty-"
+                     "bitmap syncs (setup, each iteration, the stop); the guest's rate: what "
+                     "it wrote while it ran during the migration")
     return "\n".join(lines)

@@ -4,7 +4,7 @@ a `-incoming defer` destination, drive it over QMP, read its memory back, and en
     with Guest(image="pat.img", image_addr=0x1000000) as src, Guest(incoming=True) as dst:
         dst.migrate_incoming("tcp:127.0.0.1:4444", channels=2)
         src.migrate("tcp:127.0.0.1:4444", channels=2)
-        print(src.wait_status("completed", timeout=60)["total-time"], "ms")
+        print(src.wait_completed(timeout=60)["total-time"], "ms")
 
 Plain blocking standard-library code, without trio: QMP is one request and one answer at a
 time on a unix socket, every call here is bounded by a timeout, and the callers (tests, a
@@ -297,6 +297,17 @@ class Guest:
                 raise QemuError(f"migration still {status!r} after {timeout}s, waiting "
                                 f"for {sorted(wanted)}{self._tail()}")
             time.sleep(0.01)
+
+    def wait_completed(self, timeout: float = 60) -> dict:
+        """wait_status("completed"), answered once QEMU has filled in total-time and downtime:
+        its migration thread says completed before it computes them (migration_completion,
+        then migration_calculate_complete), and a query in between reads 0 for both."""
+        info = self.wait_status("completed", timeout)
+        deadline = time.monotonic() + 5
+        while not info.get("total-time") and time.monotonic() < deadline:
+            time.sleep(0.005)
+            info = self.query_migrate()
+        return info
 
     def cancel(self) -> None:
         self.cmd("migrate_cancel")

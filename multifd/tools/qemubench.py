@@ -57,7 +57,7 @@ class QemuBench:
 
     def _migrate(self, source: Guest, uri: str) -> float:
         source.migrate(uri, channels=self.channels, tls=self.tls_dir is not None)
-        return source.wait_status("completed", timeout=self.timeout)["total-time"] / 1e3
+        return source.wait_completed(timeout=self.timeout)["total-time"] / 1e3
 
     def run(self, case: str) -> dict:
         tls = self.tls_dir is not None
