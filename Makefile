@@ -59,7 +59,7 @@ qemu:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq binutils >/dev/null; }
 
 # The standard matrix, with QEMU and live precopy (multifd's and QEMU's) beside it: the table,
-# its JSON and plots in bench-results/ (about 11 minutes on a 2-core machine).
+# its JSON and plots in bench-results/ (about 10 minutes on a 2-core machine).
 BENCH_ARGS ?= --size 1G --channels 1,4,8 --tls off,on --image random,mixed,zero \
   --mode file,discard --repeat 3 --qemu --live-rates 0,100MB/s,400MB/s
 bench: venv iperf3 qemu

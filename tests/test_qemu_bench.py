@@ -24,8 +24,10 @@ def test_qemu_side_by_side(tmp_path, pki, tls):
     assert result["tls"] is tls and result["channels"] == 2
     want = {"qemu-dst", "qemu-dst-prealloc", "multifd-recv"} | (set() if tls else {"qemucopy"})
     assert set(result["cases"]) == want
-    for case in result["cases"].values():
+    for name, case in result["cases"].items():
         assert case["runs"] == 1 and case["total_time_s"] > 0 and case["gb_per_s"] > 0
+        # every QEMU of the case (source, destination) migrated with TLS, or none did
+        assert case["tls_creds"] == (["tls0"] if tls else [""]), name
     assert result["ratios"]["multifd-recv/qemu-dst"] > 0
     assert all(("TLS" in line) is tls for line in lines) and len(lines) == 4
     assert os.listdir(tmp_path) == []  # the image and the captures are gone
@@ -91,3 +93,13 @@ def test_the_median_run_is_reported_whole():
     assert livebench.median_run(still) == {"downtime": None, "seconds": 0.5, "runs": 3,
                                            "converged": True, "converged_runs": 3}
     assert livebench.median_run([{"error": "a"}, {"error": "b"}]) == {"error": "a"}
+
+
+def test_an_interrupt_while_the_image_is_written_leaves_nothing(tmp_path, monkeypatch):
+    def interrupted(path, *args):
+        open(path, "wb").close()
+        raise KeyboardInterrupt  # as multifd-bench's SIGTERM handler raises mid-write
+    monkeypatch.setattr(qemubench, "write_image", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        qemubench.QemuBench(64 << 20, 1, str(tmp_path), 10)
+    assert os.listdir(tmp_path) == []

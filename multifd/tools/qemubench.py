@@ -46,7 +46,11 @@ class QemuBench:
         self.tls_dir = tls_dir  # both QEMUs' tls-creds-x509 and multifd-recv's --tls
         self.work = tempfile.mkdtemp(prefix="multifd-qemubench-", dir=directory)
         self.image = os.path.join(self.work, "image")
-        write_image(self.image, size // 2, "random", 1)
+        try:
+            write_image(self.image, size // 2, "random", 1)
+        except BaseException:  # SIGTERM (an exception in multifd-bench) or a full disk
+            self.close()
+            raise
 
     def close(self) -> None:
         shutil.rmtree(self.work, ignore_errors=True)
@@ -77,7 +81,8 @@ class QemuBench:
             dst.migrate_incoming(f"tcp:127.0.0.1:{port}", channels=self.channels, tls=tls)
             seconds = self._migrate(source, f"tcp:127.0.0.1:{port}")
             dst.wait_status("completed", timeout=self.timeout)
-        return {"seconds": seconds}
+            creds = _tls_creds(source, dst)
+        return {"seconds": seconds, "tls_creds": creds}
 
     def _into_receiver(self, argv: list[str]) -> dict:
         """Into a receiving process `argv` + [DIR] that prints `listening on HOST:PORT`."""
@@ -96,13 +101,21 @@ class QemuBench:
                     raise QemuError(f"{argv[1]} exited {recv.returncode}: "
                                     f"{recv.stderr.read()[-500:]}")
                 wall = time.perf_counter() - start
-            return {"seconds": seconds, "receiver_seconds": wall}
+                creds = _tls_creds(source)
+            return {"seconds": seconds, "receiver_seconds": wall, "tls_creds": creds}
         finally:
             if recv.poll() is None:
                 recv.kill()
                 recv.wait()
             recv.stderr.close()
             shutil.rmtree(out, ignore_errors=True)
+
+
+def _tls_creds(*guests: Guest) -> list[str]:
+    """The tls-creds each QEMU migrated with ("tls0", or "" for plain TCP). QEMU runs TLS on
+    a tcp: migration exactly when it is set, and a TLS destination refuses a plain source
+    (and the other way round), so a completed migration proves which one both sides used."""
+    return [g.cmd("query-migrate-parameters")["tls-creds"] for g in guests]
 
 
 def summarize(size: int, channels: int, runs: dict, errors: dict,
@@ -115,6 +128,8 @@ def summarize(size: int, channels: int, runs: dict, errors: dict,
         seconds = statistics.median(r["seconds"] for r in results)
         entry = {"runs": len(results), "total_time_s": round(seconds, 4),
                  "gb_per_s": round(size / seconds / 1e9, 3)}
+        if "tls_creds" in results[0]:
+            entry["tls_creds"] = sorted({c for r in results for c in r["tls_creds"]})
         if "receiver_seconds" in results[0]:
             entry["receiver_exit_s"] = round(
                 statistics.median(r["receiver_seconds"] for r in results), 4)
