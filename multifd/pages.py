@@ -57,14 +57,18 @@ class PageScanner:
         data_start = 0  # first page not yet assigned to a run
         zero_pages = 0
         pos = 0  # where in first_words the search goes on
+        last = 0  # pages [hit's page, last) all begin with a zero word
         while (hit := first_words.find(_ZERO_WORD, pos)) >= 0:
             if hit % 8:  # zero bytes straddling two words: resume at the next word
                 pos = hit - hit % 8 + 8
                 continue
             first = hit // 8
-            # Pages [first, last) all begin with a zero word; a zero run reaches no further.
-            nonzero = _NONZERO.search(first_words, hit)
-            last = full if nonzero is None else nonzero.start() // 8
+            # A zero run reaches no further than `last`. Searched once per stretch of pages
+            # that begin with a zero word, not once per page: a stretch of data pages that
+            # all do would otherwise be rescanned from each of them.
+            if first >= last:
+                nonzero = _NONZERO.search(first_words, hit)
+                last = full if nonzero is None else nonzero.start() // 8
             if zero(first, last - first):  # the usual case: one compare for the whole run
                 good = last - first
             elif not zero(first, 1):

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -302,3 +303,41 @@ def test_unwritable_output_paths_are_refused_before_any_run(tmp_path):
         assert done.stderr.strip() == (f"multifd-bench: error: {option} {path}: not a file "
                                        f"that can be written here (see --help)"), done.stderr
         assert os.listdir(tmp_path / "cache") == []  # refused before any image was made
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["spawned", "spawn-fails"])
+def test_a_signal_while_a_child_starts_acts_once_the_child_is_ended(monkeypatch, fails):
+    """SIGTERM landing inside Popen (after the fork) used to lose the child: it ran on,
+    unended and unreaped, until the bench's own death killed it."""
+    from multifd.tools import benchproc
+    real = subprocess.Popen
+    started = []
+
+    def popen_hit_by_sigterm(*args, **kwargs):
+        proc = None if fails else real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # its handler would raise right here
+        for _ in range(100):  # give a raising handler every chance to run inside Popen
+            time.sleep(0.001)
+        if fails:  # as an exec that failed: no child, and the signal still counts
+            raise OSError("no such program")
+        started.append(proc.pid)
+        return proc
+
+    def on_sigterm(signum, frame):
+        raise _Stop
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    monkeypatch.setattr(benchproc.subprocess, "Popen", popen_hit_by_sigterm)
+    try:
+        with pytest.raises(_Stop):
+            benchproc.Child("sleeper", ["sleep", "30"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert signal.getsignal(signal.SIGTERM) is previous
+    for pid in started:  # ended and reaped by Child, not left to the bench's death
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert len(started) == (0 if fails else 1)

@@ -51,6 +51,8 @@ def test_parameters_sit_before_the_signature():
     (1e6, (3 << 30) - 4096, 2),      # into the PCI hole
     (-1, 0x1000000, 10),
     (5e9, 0x1000000, 10),            # beyond the fixed point's range
+    (30e3, 0x1000000, 10),           # rounds to nothing
+    (1e6, 0x1000000, 10),            # a fixed-point step is 7% of it
 ])
 def test_out_of_range_parameters_are_refused(rate, base, pages):
     with pytest.raises(ValueError):

@@ -341,3 +341,28 @@ def test_scanner_matches_the_reference_on_adversarial_pages():
         reference = buf[:length] + bytes(len(buf) - length)  # a short zero page is zero
         expected = naive_runs(reference, page, -(-length // page))
         assert scanned == expected
+
+
+@pytest.mark.parametrize("page_size", [512, 4096])
+def test_a_stretch_of_pages_beginning_with_zero_words_is_searched_once(monkeypatch, page_size):
+    """Data pages that all begin with a zero word (a live guest's counters written into zero
+    memory look like this) cost a compare each, not a search of the whole stretch each: the
+    search for the stretch's end runs once per stretch, so the scan stays linear."""
+    import multifd.pages as pages
+    searches = []
+
+    class Counting:
+        def search(self, data, pos):
+            searches.append(pos)
+            return real.search(data, pos)
+    real = pages._NONZERO
+    monkeypatch.setattr(pages, "_NONZERO", Counting())
+    n = 2048
+    buf = bytearray(n * page_size)
+    for i in range(n):
+        buf[(i + 1) * page_size - 1] = 1  # zero but for the last byte: DATA
+    buf[5 * page_size:8 * page_size] = bytes(3 * page_size)  # three zero pages among them
+    runs, nzero = PageScanner(page_size, len(buf)).runs(memoryview(buf), 0, len(buf))
+    assert (runs, nzero) == naive_runs(buf, page_size, n)
+    assert runs == ((0, 5, D), (5, 3, Z), (8, n - 8, D))
+    assert len(searches) == 1

@@ -65,8 +65,9 @@ def test_live_sweep_has_qemus_own_migration_at_each_rate(tmp_path):
 def test_a_qemu_migration_that_cannot_converge_is_cancelled_and_said(tmp_path):
     image = tmp_path / "image"
     write_image(str(image), 32 << 20, "random", 1)
-    # 10 MB/s cannot carry a guest writing 100 MB/s: QEMU would go on for ever
-    result = qemulive.run(str(image), 1, 100e6, 4, max_bandwidth=10_000_000)
+    # 1 MB/s cannot even carry the 32 MiB within the 4 s, let alone what the guest writes
+    # meanwhile: QEMU would go on for ever
+    result = qemulive.run(str(image), 1, 100e6, 4, max_bandwidth=1_000_000)
     assert result["converged"] is False
     assert result["why"] == "QEMU had not converged after 4s (cancelled)"
     assert result["guest_rate"] == pytest.approx(100e6, rel=0.2)
@@ -82,17 +83,49 @@ def test_qemus_guest_writes_uniformly_only(tmp_path):
         "skipped": "QEMU's guest writes uniformly, not hot:5%"}
 
 
+def test_what_the_guest_cannot_do_is_skipped_not_a_crash(tmp_path):
+    big = tmp_path / "big"
+    with open(big, "wb") as f:
+        f.truncate(3 << 30)  # sparse: beyond the 3 GiB the guest's flat memory reaches
+    skipped = livebench._qemu(str(big), 100e6, 1, "uniform", 10)
+    assert skipped["skipped"].startswith("QEMU's guest: 786432 pages at 0x1000000: must lie")
+    small = tmp_path / "small"
+    write_image(str(small), 1 << 20, "random", 1)
+    slow = livebench._qemu(str(small), 1e6, 1, "uniform", 10)
+    assert "too slow for the guest's fixed point" in slow["skipped"]
+
+
+def _chosen(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k != "all"}
+
+
 def test_the_median_run_is_reported_whole():
-    runs = [{"downtime": 0.3, "seconds": 1.0}, {"error": "boom"},
-            {"downtime": 0.1, "seconds": 2.0}, {"downtime": 0.2, "seconds": 3.0}]
-    for r in runs[::2]:
-        r["converged"] = True
-    assert livebench.median_run(runs) == {"downtime": 0.2, "seconds": 3.0, "runs": 4,
-                                          "converged_runs": 2}
+    runs = [{"downtime": 0.3, "seconds": 1.0, "converged": True}, {"error": "boom"},
+            {"downtime": 0.1, "seconds": 2.0, "converged": True},
+            {"downtime": 0.2, "seconds": 3.0, "converged": True}]
+    result = livebench.median_run(runs)
+    assert _chosen(result) == {"downtime": 0.2, "seconds": 3.0, "converged": True, "runs": 4,
+                               "converged_runs": 3, "failed_runs": 1}
+    assert result["all"] == runs
     still = [{"downtime": None, "seconds": s, "converged": True} for s in (0.5, 0.4, 0.6)]
-    assert livebench.median_run(still) == {"downtime": None, "seconds": 0.5, "runs": 3,
-                                           "converged": True, "converged_runs": 3}
-    assert livebench.median_run([{"error": "a"}, {"error": "b"}]) == {"error": "a"}
+    assert _chosen(livebench.median_run(still)) == {
+        "downtime": None, "seconds": 0.5, "converged": True, "runs": 3, "converged_runs": 3,
+        "failed_runs": 0}
+    assert _chosen(livebench.median_run([{"error": "a"}, {"error": "b"}])) == {
+        "error": "a", "runs": 2, "converged_runs": 0, "failed_runs": 2}
+
+
+def test_runs_that_did_not_converge_rank_as_the_longest_downtime():
+    cancelled = {"converged": False, "seconds": 4.0, "why": "QEMU had not converged after 4s "
+                 "(cancelled)", "guest_rate": 100e6}
+    ran = {"converged": True, "seconds": 0.9, "downtime": 0.9, "syncs": 4, "guest_rate": 100e6}
+    result = livebench.median_run([cancelled, ran, dict(cancelled)])
+    assert result["converged"] is False and result["converged_runs"] == 1
+    cells = livebench._qemu_cells(result)
+    assert cells.startswith("QEMU had not converged after 4s (cancelled) (1/3 converged) |")
+    failed = livebench.median_run([{"error": "boom"}, ran, {"error": "boom"}])
+    assert failed["converged"] is True and failed["failed_runs"] == 2
+    assert "0.90 s (1/3 converged, 2 failed) | 900 ms |" in livebench._qemu_cells(failed)
 
 
 def test_an_interrupt_while_the_image_is_written_leaves_nothing(tmp_path, monkeypatch):

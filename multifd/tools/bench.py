@@ -585,7 +585,9 @@ def _run_extras(bench: Bench, args, result: dict) -> bool:
             live = livebench.run(args.size, n, args.rates, args.live_pattern, args.dir,
                                  args.timeout, _log, qemu=args.qemu, repeat=args.repeat)
             result["live"].append(live)
-            failed |= any("error" in r or "error" in r.get("qemu", {}) for r in live["live"])
+            failed |= any("error" in r or r.get("failed_runs")
+                          or "error" in r.get("qemu", {}) or r.get("qemu", {}).get("failed_runs")
+                          for r in live["live"])
     return failed
 
 

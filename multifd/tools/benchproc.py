@@ -12,10 +12,12 @@ import os
 import platform
 import re
 import select
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
@@ -43,6 +45,45 @@ def rss_anon(pid: int) -> int:
     return 0
 
 
+class _Held:
+    """Signals caught while a child starts, to be acted on once it is ours."""
+
+    def __init__(self) -> None:
+        self.caught: list[int] = []
+        self.handlers: dict[int, object] = {}
+
+    def catch(self, signum: int, frame) -> None:
+        self.caught.append(signum)
+
+    def act(self) -> None:
+        """Run the handler each caught signal had (SIG_DFL: the signal itself, again)."""
+        for signum in self.caught:
+            handler = self.handlers[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold ^C and SIGTERM while a child starts. A Python signal handler raises wherever the
+    main thread happens to be: inside Popen, after the fork and before Popen returns, it would
+    lose the only handle on a child that then runs on (until the bench's own death kills it),
+    unended and unreaped."""
+    held = _Held()
+    if threading.current_thread() is not threading.main_thread():
+        yield held  # handlers run in the main thread only: nothing can land here
+        return
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        held.handlers[signum] = signal.signal(signum, held.catch)
+    try:
+        yield held
+    finally:
+        for signum, handler in held.handlers.items():
+            signal.signal(signum, handler)
+
+
 class Child:
     """A process whose output goes to unlinked temp files, so no pipe can fill up and stall
     it, and which we reap ourselves with wait4 to get its own rusage."""
@@ -54,13 +95,27 @@ class Child:
         self.start = time.perf_counter()
         self.seconds = self.cpu = None
         self.peak_rss = 0
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.out,
-                                     stderr=self.err, preexec_fn=_die_with_parent)
+        self.proc = None
+        failure = None
+        with _signals_held() as held:
+            try:
+                self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.out,
+                                             stderr=self.err, preexec_fn=_die_with_parent)
+                self.pidfd = os.pidfd_open(self.proc.pid)
+            except BaseException as exc:  # the child must not outlive this
+                if self.proc is not None:
+                    self.proc.kill()
+                    self.proc.wait()
+                failure = exc
+        if failure is not None:
+            self.out.close()
+            self.err.close()
+            held.act()  # a ^C or SIGTERM that came meanwhile wins over the failure
+            raise failure
         try:
-            self.pidfd = os.pidfd_open(self.proc.pid)
-        except BaseException:  # (^C included) the child must not outlive this
-            self.proc.kill()
-            self.proc.wait()
+            held.act()  # a ^C or SIGTERM that came meanwhile acts now, the child ours
+        except BaseException:
+            self.close()
             raise
 
     def sample(self) -> None:

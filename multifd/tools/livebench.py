@@ -16,6 +16,7 @@ guest writes uniformly only; with another pattern its column says so.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -75,22 +76,29 @@ def _qemu(image: str, rate: float, channels: int, pattern: str, timeout: float) 
         return {"skipped": f"QEMU's guest writes uniformly, not {pattern}"}
     try:
         return qemulive.run(image, channels, rate, timeout)
+    except ValueError as exc:  # a size or rate the guest cannot do: the rest of the bench can
+        return {"skipped": f"QEMU's guest: {exc}"}
     except (QemuError, OSError) as exc:
         return {"error": str(exc).splitlines()[0]}
 
 
 def median_run(runs: list[dict]) -> dict:
     """The run with the median downtime (the median total time where none has a downtime),
-    so that all its figures come from one run; failures count only if nothing else ran, and
-    how many runs converged is said beside it."""
+    all its figures from that one run. A run that did not converge ranks as the longest
+    downtime; failed runs are counted, and chosen only if nothing else ran. `all` keeps
+    every run."""
     done = [r for r in runs if "error" not in r and "skipped" not in r]
+    counts = {"runs": len(runs), "converged_runs": sum(r.get("converged") is True for r in runs),
+              "failed_runs": sum("error" in r for r in runs)}
     if not done:
-        return runs[0]
-    measured = [r for r in done if r.get("downtime") is not None] or done
-    key = "downtime" if measured[0].get("downtime") is not None else "seconds"
-    chosen = sorted(measured, key=lambda r: r[key])[(len(measured) - 1) // 2]
-    return {**chosen, "runs": len(runs),
-            "converged_runs": sum(r.get("converged") is True for r in runs)}
+        return {**runs[0], **counts, "all": runs}
+
+    def rank(r: dict) -> float:
+        if not r["converged"]:
+            return math.inf
+        return r["downtime"] if r.get("downtime") is not None else r["seconds"]
+    chosen = sorted(done, key=rank)[(len(done) - 1) // 2]
+    return {**chosen, **counts, "all": runs}
 
 
 def run(size: int, channels: int, rates: list[float], pattern: str, directory: str,
@@ -125,18 +133,21 @@ def _ms(seconds: float | None) -> str:
 
 
 def _converged(r: dict) -> str:
+    failed = f", {r['failed_runs']} failed" if r.get("failed_runs") else ""
     if r.get("runs", 1) > 1:
-        return f"{r['converged_runs']}/{r['runs']}"
+        return f"{r['converged_runs']}/{r['runs']}{failed}"
     return "yes" if r["converged"] else "no"
 
 
 def _qemu_cells(q: dict) -> str:
     if "error" in q or "skipped" in q:
         return f"{'FAILED: ' + q['error'] if 'error' in q else q['skipped']} | | | |"
+    runs = ""
+    if q.get("converged_runs", 1) < q.get("runs", 1):
+        failed = f", {q['failed_runs']} failed" if q.get("failed_runs") else ""
+        runs = f" ({q['converged_runs']}/{q['runs']} converged{failed})"
     if not q["converged"]:
-        return f"{q['why']} | | | {q['guest_rate'] / 1e6:.0f} MB/s |"
-    runs = f" ({q['converged_runs']}/{q['runs']} converged)" \
-        if q.get("runs", 1) > q.get("converged_runs", 1) else ""
+        return f"{q['why']}{runs} | | | {q['guest_rate'] / 1e6:.0f} MB/s |"
     return (f"{q['seconds']:.2f} s{runs} | {_ms(q['downtime'])} | {q['syncs']} | "
             f"{q['guest_rate'] / 1e6:.0f} MB/s |")
 

@@ -46,22 +46,25 @@ def run(image: str, channels: int, rate: float, timeout: float,
             dest.migrate_incoming(f"tcp:127.0.0.1:{port}", channels=channels)
             source.set_migration(channels=channels, max_bandwidth=max_bandwidth)
             source.cmd("migrate-set-parameters", downtime_limit=round(DEFAULT_DOWNTIME * 1e3))
-            before = dirtied(source)
             start = time.monotonic()
             source.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+            before = dirtied(source)  # after `migrate`: total-time starts there too
             try:
                 info = source.wait_completed(timeout=timeout)
             except QemuError:
                 status = source.query_migrate().get("status")
-                if status not in ("active", "device"):
+                if status == "completed":  # it ended as the time ran out
+                    info = source.wait_completed(timeout=10)
+                elif status in ("active", "device"):
+                    wrote = (dirtied(source) - before) % 2**32
+                    seconds = time.monotonic() - start
+                    source.cancel()
+                    source.wait_status("cancelled", timeout=10)
+                    return {"converged": False, "seconds": round(seconds, 3),
+                            "guest_rate": round(wrote * PAGE / seconds),
+                            "why": f"QEMU had not converged after {timeout:g}s (cancelled)"}
+                else:
                     raise
-                wrote = (dirtied(source) - before) % 2**32
-                seconds = time.monotonic() - start
-                source.cancel()
-                source.wait_status("cancelled", timeout=10)
-                return {"converged": False, "seconds": round(seconds, 3),
-                        "guest_rate": round(wrote * PAGE / seconds),
-                        "why": f"QEMU had not converged after {timeout:g}s (cancelled)"}
             wrote = (dirtied(source) - before) % 2**32  # the source is stopped now
             dest.wait_status("completed", timeout=timeout)
     seconds, downtime = info["total-time"] / 1e3, info["downtime"] / 1e3
