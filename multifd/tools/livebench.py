@@ -8,9 +8,10 @@ receiver's DONE, as QEMU's total-time runs from `migrate` to completed), and the
 its last round to its verified commit). Rate 0 is a still guest, as a baseline.
 
 With `repeat`, each rate runs that many times and the run with the median downtime is
-reported (all its figures from that one run). With `qemu`, each rate also runs QEMU's own live migration of a guest that writes the same
-image at that rate (multifd.tools.qemulive), reported by QEMU's own clock beside it. QEMU's
-guest writes uniformly only; with another pattern its column says so.
+reported (all its figures from that one run). With `qemu`, each rate also runs QEMU's own
+live migration of a guest that writes the same image at that rate (multifd.tools.qemulive),
+reported by QEMU's own clock beside it. QEMU's guest writes uniformly only; with another
+pattern its column says so.
 """
 
 from __future__ import annotations

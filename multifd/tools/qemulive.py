@@ -10,8 +10,9 @@ uniform` does. Once it runs, a QEMU destination (-incoming defer, default memory
 `migrate` to completed), downtime (from the source's stop to the end of the migration, as the
 source sees it), the number of dirty-bitmap syncs (one at setup, one per iteration, one at
 the stop), the pages sent, and the rate the guest actually wrote at while it ran during the
-migration (its counter in guest memory over total-time less downtime). QEMU never gives up on a migration that does not
-converge: after `timeout` seconds it is cancelled and reported as not converged.
+migration (its counter in guest memory over total-time less downtime). QEMU never gives up
+on a migration that does not converge: after `timeout` seconds it is cancelled and reported
+as not converged.
 """
 
 from __future__ import annotations
