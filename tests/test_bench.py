@@ -175,6 +175,55 @@ def test_against_qemu_on_both_clocks():
     assert r["points"][0]["transfer_gbps"] is None  # runs without the sender's report
 
 
+def _row(image, mode, tls=False, **figures):
+    return {"channels": 4, "tls": tls, "image": image, "mode": mode, "multifd_gbps": None,
+            "transfer_gbps": None, "copier_gbps": None, "copier_trio_gbps": None,
+            "vs_copier": None, "vs_random": None, "sender_rss_mib": None, **figures}
+
+
+def test_a_miss_beyond_what_the_same_run_allows_is_out_of_reach():
+    rows = [
+        # random: 0.5 s whole, 0.25 s on its own clock: start-up 0.25 s, so a mixed run
+        # (half the data) takes at least 0.25 + 0.125 s: 1.333x at most
+        _row("random", "discard", multifd_gbps=2.0, transfer_gbps=4.0, copier_gbps=2.6,
+             copier_trio_gbps=2.2, vs_copier=2.0 / 2.6),
+        _row("mixed", "discard", multifd_gbps=2.4, vs_random=1.2),
+        # into a file the copier after trio's import reaches 0.97 of the bare copier: the
+        # goal (0.85) is within reach there, so that miss is a plain miss
+        _row("random", "file", multifd_gbps=1.0, transfer_gbps=1.2, copier_gbps=1.25,
+             copier_trio_gbps=1.21, vs_copier=0.8),
+        _row("random", "file", tls=True, multifd_gbps=0.8, transfer_gbps=0.9,
+             copier_gbps=0.86, copier_trio_gbps=0.8, vs_copier=0.8 / 0.86),
+        _row("mixed", "file", tls=True, multifd_gbps=1.3, transfer_gbps=1.5),
+        _row("mixed", "file", multifd_gbps=1.9, transfer_gbps=2.5)]
+    qemu = [{"channels": 4, "tls": False,
+             "cases": {"qemu-dst": {"gb_per_s": 4.6}, "qemucopy": {"gb_per_s": 2.9}}},
+            {"channels": 4, "tls": True, "cases": {"qemu-dst": {"gb_per_s": 1.56}}}]
+    goals = {g["goal"]: g for g in bench._goals(rows, qemu)}
+    mixed = goals["mixed / random"]
+    assert mixed["values"][0]["bound"] == pytest.approx(0.5 / 0.375, abs=1e-3)
+    assert mixed["pass"] is False and mixed["settled"] is True
+    discard = goals["multifd / copier, random, discard"]
+    assert discard["values"][0]["bound"] == pytest.approx(2.2 / 2.6, abs=1e-3)
+    assert discard["settled"] is True
+    assert goals["multifd / copier, random, file"]["settled"] is False  # 0.968 >= 0.85
+    plain = goals["multifd / QEMU dst, file"]
+    assert plain["values"][0]["bound"] == pytest.approx(2.9 / 4.6, abs=1e-3)
+    assert plain["settled"] is True
+    # the TLS copier carrying only the guest's data (half its RAM): 0.86 * 2 / 1.56
+    tls = goals["multifd / QEMU dst, TLS, transfer clock"]
+    assert tls["values"][0] == {"where": "N=4", "value": round(1.5 / 1.56, 3),
+                                "pass": False, "bound": round(1.72 / 1.56, 3)}
+    assert tls["settled"] is True
+    text = bench.table({"size": SIZE, "repeat": 1, "cpu": "a CPU", "points": [],
+                        "results": {}, "goals": list(goals.values())})
+    assert "| mixed / random | >= 1.8 | MISS, out of reach | 1.2 at mixed discard N=4 " \
+           "(bound in this run: 1.333) |" in text
+    assert "| multifd / copier, random, file | >= 0.85 | MISS | 0.8 at random file N=4 " \
+           "(bound in this run: 0.968) |" in text
+    assert "| zero image into a file | >= 3 | n/a (no such point ran) | |" in text
+
+
 def test_a_failed_run_is_reported_and_its_ratios_are_missing():
     runs = {("multifd", Point(2, True, "random", "discard")): [],
             ("copier", Point(2, True, "random", "discard")): [run(1.0)]}

@@ -59,9 +59,14 @@ CASES = [
                  f"{ONE}, data: connection reset by an injected fault",
                  id="reset-mid-stream@1"),
     # A stalled channel is for the main channel to notice, at its sync point, waiting for
-    # the stalled channel's SYNC.
-    pytest.param("stall@1:after=1M", False, BOUND, f"{MAIN}, sync: {LOST_SYNC} within 2s$",
-                 id="stall-mid-stream@1"),
+    # the stalled channel's SYNC. QEMU, with no return path, says completed once its last
+    # bytes are in the sockets' buffers (0.13-0.17 s here) and closes its channels: when
+    # that close ends the stall before the main channel is at its sync point (seen under
+    # CPU load, about 1 run in 16: the receiver exited at 0.17 s, as QEMU said completed),
+    # the channel's loss is the first error.
+    pytest.param("stall@1:after=1M", False, BOUND,
+                 f"({MAIN}, sync: {LOST_SYNC} within 2s|{ONE}, data: connection lost "
+                 f"\\(a stalled channel was ended\\))$", id="stall-mid-stream@1"),
     pytest.param("tls-stall@1", True, BOUND,
                  f"{ONE}, tls: no TLS handshake and first bytes within 2s$",
                  id="tls-stall@1"),
