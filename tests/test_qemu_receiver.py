@@ -44,9 +44,11 @@ def _client(port: int, tls_dir: str | None):
 
 class Source:
     """A QEMU source on paper: one thread per connection. Every connection is made at once
-    and a multifd channel sends its init and setup SYNC at once (as QEMU does before its main
-    channel's first sync point); the rest of connection i follows `delays[i]` seconds later,
-    so that the channels run skewed."""
+    and a multifd channel sends its init and setup SYNC at once; the main channel begins only
+    once they all have (as QEMU opens them before its main channel's first sync point: else,
+    on a loaded machine, the main channel could reach it first and see a late channel). The
+    rest of connection i follows `delays[i]` seconds later, so that the channels run skewed;
+    a connection in `late` is not waited for."""
 
     def __init__(self, port: int, streams: list[bytes], delays: list[float], *,
                  tls_dir: str | None = None, close_notify: bool = False,
@@ -58,6 +60,7 @@ class Source:
         self.errors: list[BaseException] = []
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
                         for i in range(len(streams))]
+        self.opened = [threading.Event() for _ in streams]  # its head is sent (or it failed)
 
     def start(self) -> "Source":
         for t in self.threads:
@@ -71,10 +74,16 @@ class Source:
             try:
                 stream = self.streams[i]
                 if stream is None:  # a stranger that says nothing for a while
+                    self.opened[i].set()
                     time.sleep(3)
                     return
                 head = 0 if stream.startswith(S.MAGIC) else 64 + S.PACKET_HEADER
                 sock.sendall(stream[:head])
+                self.opened[i].set()
+                if i == 0:
+                    for j, opened in enumerate(self.opened[1:], 1):
+                        if j not in self.late:
+                            opened.wait(10)
                 time.sleep(self.delays[i])
                 sock.sendall(stream[head:])
                 if i == 0 and self.replies:
@@ -89,6 +98,8 @@ class Source:
                 sock.close()
         except (OSError, ssl.SSLError) as exc:
             self.errors.append(exc)
+        finally:
+            self.opened[i].set()
 
     def join(self) -> None:
         for t in self.threads:

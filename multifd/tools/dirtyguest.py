@@ -52,8 +52,9 @@ def sector(rate: float, base: int, pages: int, seed: int = 1) -> bytes:
     """The 512-byte boot sector writing `rate` bytes/s (pages of 4 KiB a second times 4096)
     into [base, base + pages * 4096). Rates below about 3.7 MB/s, which the fixed point
     cannot hold within 1%, are refused. What the guest reaches at the top depends on the
-    host: 1000 MB/s asked was met under KVM here, 2 GB/s gave about 1.3; the wake loop has
-    55 ms before channel 2 wraps and the time beyond is lost, so dirtied() is what counts."""
+    host: under KVM here, 1000 MB/s asked gave 650-1000 over 2 s (three runs) and 2 GB/s
+    about 1.5; a wake that comes more than 55 ms late loses the time beyond (channel 2
+    wraps), so dirtied() is what counts."""
     if base % PAGE or base < LOWEST or pages < 1 or base + pages * PAGE > HIGHEST:
         raise ValueError(f"{pages} pages at {base:#x}: must lie within "
                          f"{LOWEST:#x}-{HIGHEST:#x} on 4 KiB boundaries")
